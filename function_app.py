@@ -1,0 +1,41 @@
+"""Azure Functions bindings only: each function hands off to shared/, which knows nothing of the host."""
+import azure.functions as func
+
+from shared import handlers
+from shared.runtime import runtime
+from shared.settings import get_settings
+
+# Fail at start-up, with a message naming the setting, rather than on the first event.
+get_settings()
+
+app = func.FunctionApp(http_auth_level=func.AuthLevel.FUNCTION)
+JSON = "application/json"
+
+
+def _reply(reply: handlers.HttpReply) -> func.HttpResponse:
+    return func.HttpResponse(reply.json(), status_code=reply.status, headers=reply.headers, mimetype=JSON)
+
+
+@app.route(route="provision", methods=["POST"])
+def provision(req: func.HttpRequest) -> func.HttpResponse:
+    return _reply(handlers.provision_http(req.get_body(), dict(req.headers), runtime()))
+
+
+@app.queue_trigger(arg_name="msg", queue_name="%INTAKE_QUEUE%", connection="AzureWebJobsStorage")
+def intake_queue(msg: func.QueueMessage) -> None:
+    handlers.intake_message(msg.get_body(), runtime())
+
+
+@app.queue_trigger(arg_name="msg", queue_name="%WORK_QUEUE%", connection="AzureWebJobsStorage")
+def provision_worker(msg: func.QueueMessage) -> None:
+    handlers.work_message(msg.get_body(), runtime())
+
+
+@app.timer_trigger(arg_name="timer", schedule="*/30 * * * * *", run_on_startup=True)
+def lease_upkeep(timer: func.TimerRequest) -> None:
+    handlers.lease_upkeep(runtime())
+
+
+@app.route(route="health", methods=["GET"], auth_level=func.AuthLevel.ANONYMOUS)
+def health(req: func.HttpRequest) -> func.HttpResponse:
+    return _reply(handlers.HttpReply(200, {"status": "ok"}))

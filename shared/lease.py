@@ -1,0 +1,189 @@
+"""A durable rate lease: N token messages in a storage queue shared by every instance.
+
+Holding a token = the message is invisible to everyone else. A caller receives a token with a
+visibility timeout long enough to cover its Graph call, and after the call sets the token's
+visibility so that it reappears no earlier than `window + margin` after the call was sent. So no
+token can start more than one call per window, and there are only N tokens: at most N calls in
+any window, whichever instance makes them. A crashed caller's token reappears when its hold ends.
+
+Seeding and repair mint a whole new *epoch*: the queue metadata names the one valid epoch, tokens
+of any other epoch are deleted on sight, and new tokens first become visible `window + margin`
+after minting, so calls made with old tokens have left the window before new tokens can be used.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+import uuid
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Protocol
+
+from azure.core.exceptions import HttpResponseError, ResourceExistsError, ResourceNotFoundError
+from azure.storage.queue import QueueClient
+
+if TYPE_CHECKING:
+    from .graph_client import SendTiming
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RawToken:
+    id: str
+    pop_receipt: str
+    content: str
+
+
+class TokenStore(Protocol):
+    """The queue operations the gate needs; a storage queue in production, a model in tests."""
+
+    def receive(self, hold_seconds: int, max_count: int = 1) -> list[RawToken]: ...
+    def update(self, token: RawToken, visible_in: int) -> None: ...
+    def delete(self, token: RawToken) -> None: ...
+    def properties(self) -> tuple[dict[str, str], int]: ...
+    def set_metadata(self, metadata: dict[str, str]) -> None: ...
+    def send(self, content: str, visible_in: int) -> None: ...
+
+
+class QueueTokenStore:
+    def __init__(self, queue: QueueClient):
+        self._queue = queue
+        try:
+            queue.create_queue()
+        except ResourceExistsError:
+            pass
+
+    def receive(self, hold_seconds: int, max_count: int = 1) -> list[RawToken]:
+        messages = self._queue.receive_messages(messages_per_page=max_count, max_messages=max_count,
+                                                visibility_timeout=hold_seconds)
+        return [RawToken(m.id, m.pop_receipt, m.content) for m in messages]
+
+    def update(self, token: RawToken, visible_in: int) -> None:
+        try:
+            self._queue.update_message(token.id, token.pop_receipt, content=token.content,
+                                       visibility_timeout=visible_in)
+        except (ResourceNotFoundError, HttpResponseError) as exc:
+            # Our hold ran out and someone else has the token (or it was deleted as stale): the
+            # hold timeout already guaranteed it reappeared late enough, so nothing is lost.
+            log.warning("lease token %s could not be released (%s); its hold has expired", token.id,
+                        getattr(exc, "error_code", type(exc).__name__))
+
+    def delete(self, token: RawToken) -> None:
+        try:
+            self._queue.delete_message(token.id, token.pop_receipt)
+        except (ResourceNotFoundError, HttpResponseError):
+            pass
+
+    def properties(self) -> tuple[dict[str, str], int]:
+        props = self._queue.get_queue_properties()
+        return dict(props.metadata or {}), int(props.approximate_message_count or 0)
+
+    def set_metadata(self, metadata: dict[str, str]) -> None:
+        self._queue.set_queue_metadata(metadata)
+
+    def send(self, content: str, visible_in: int) -> None:
+        self._queue.send_message(content, visibility_timeout=visible_in or None, time_to_live=-1)
+
+
+@dataclass
+class Lease:
+    token: RawToken
+    taken_at: float
+
+
+def pool_queue_name(base: str, scope: str, service_principal_id: str, job_id: str) -> str:
+    if scope == "tenant":
+        return base
+    key = service_principal_id if scope == "servicePrincipal" else f"{service_principal_id}/{job_id}"
+    return f"{base}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
+class RateGate:
+    def __init__(self, store: TokenStore, calls: int, window: float, margin: float, call_timeout: float,
+                 clock: Callable[[], float] = time.monotonic):
+        self.store = store
+        self.calls = calls
+        self.window = window
+        self.margin = margin
+        self.clock = clock
+        # Long enough that a caller who dies mid-call cannot have its token reused within the window.
+        self.hold_seconds = math.ceil(call_timeout + window + 2 * margin) + 1
+        self._epoch: str | None = None
+        self._last_repair_check = -math.inf
+
+    # -- pool upkeep -------------------------------------------------------------------------
+    def ensure_pool(self) -> str:
+        """Seed the pool if it has no epoch or has lost tokens; safe when many instances race."""
+        metadata, count = self.store.properties()
+        epoch = metadata.get("epoch")
+        self._last_repair_check = self.clock()
+        if epoch and count >= self.calls:
+            self._epoch = epoch
+            return epoch
+        return self._mint(reason="no pool yet" if not epoch else f"only {count} of {self.calls} tokens left")
+
+    def _mint(self, reason: str) -> str:
+        epoch = uuid.uuid4().hex
+        self.store.set_metadata({"epoch": epoch, "calls": str(self.calls), "window": str(self.window)})
+        first_visible = math.ceil(self.window + self.margin)
+        for n in range(self.calls):
+            self.store.send(json.dumps({"epoch": epoch, "n": n}), first_visible)
+        log.info("lease pool minted epoch %s with %d tokens (%s)", epoch, self.calls, reason)
+        self._epoch = epoch
+        return epoch
+
+    # -- taking and giving back --------------------------------------------------------------
+    def acquire(self) -> Lease | None:
+        """Take a token if one is free now; None means 'no capacity now, defer the work'."""
+        if self._epoch is None:
+            self.ensure_pool()
+        for _ in range(self.calls + 1):
+            tokens = self.store.receive(self.hold_seconds)
+            if not tokens:
+                if self.clock() - self._last_repair_check > self.window:
+                    self.ensure_pool()
+                return None
+            token = tokens[0]
+            # The metadata is read after the token is ours, so an epoch change that happened
+            # before this moment is always seen (see the module docstring for why that suffices).
+            metadata, _ = self.store.properties()
+            current = metadata.get("epoch")
+            self._epoch = current
+            if current and _epoch_of(token.content) == current:
+                return Lease(token, self.clock())
+            self.store.delete(token)
+            log.info("deleted lease token %s of a stale epoch", token.id)
+        return None
+
+    def visible_in(self, sent_at: float | None) -> int:
+        """Seconds until the token may reappear: window + margin after the call was sent, or after
+        now when we cannot know when the request reached Graph."""
+        start = self.clock() if sent_at is None else sent_at
+        return max(0, math.ceil(start + self.window + self.margin - self.clock()))
+
+    def release(self, lease: Lease, timing: "SendTiming") -> None:
+        if timing.started is None:
+            # Nothing went on the wire (no connection, say): the call used no capacity.
+            self.store.update(lease.token, 0)
+        else:
+            # Body fully written: count from then. Started but not finished: count from now.
+            self.store.update(lease.token, self.visible_in(timing.sent))
+
+    def hold_back(self, lease: Lease, seconds: float) -> None:
+        """After a 429: keep this token and every free token out of use for `seconds`, because
+        Graph counts calls made while it throttles."""
+        hold = max(self.visible_in(None), math.ceil(seconds))
+        self.store.update(lease.token, hold)
+        # Receiving a free token with this visibility is what hides it; nobody needs to give it back.
+        self.store.receive(hold, max_count=self.calls)
+
+
+def _epoch_of(content: str) -> str | None:
+    try:
+        value = json.loads(content)
+    except ValueError:
+        return None
+    return value.get("epoch") if isinstance(value, dict) else None
