@@ -1,0 +1,645 @@
+"""Microsoft Graph simulator for `POST /{v1.0|beta}/servicePrincipals/{id}/synchronization/jobs/{jobId}/provisionOnDemand`.
+
+Order of handling for each arrival (arrival time = when the request line arrived, monotonic):
+  1. recorded in the call log (Authorization recorded only as "Bearer <redacted>");
+  2. unknown path -> 404, known path with another method -> 405 (not counted for rate);
+  3. fault script for the first subject's objectId (or "*"): the next canned answer is served
+     (after its delay; `reset` drops the connection) and the arrival counts toward the rate window;
+  4. bearer token verified (signature, exp, aud) -> 401 InvalidAuthenticationToken (not counted);
+  5. sliding-window rate limit per tenant (tid) -> 429 TooManyRequests with Retry-After;
+  6. roles (Synchronization.ReadWrite.All or Application.ReadWrite.OwnedBy) -> 403;
+  7. body validation -> 400 BadRequest / RequestParameterInvalid;
+  8. optional latency, then 200 with a golden example (matched by objectId) or a generated Success.
+
+Admin endpoints (JSON; not recorded, not rate limited):
+  GET /_sim/calls, DELETE /_sim/calls (log and rate window), GET /_sim/stats,
+  GET /_sim/max_in_window?window=10[&counted_only=1],
+  GET/POST/DELETE /_sim/script, GET/POST /_sim/config.
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import random
+import threading
+import time
+import uuid
+from collections import Counter, deque
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from .httpbase import SimHandler, SimServer, parse_json_body
+from .ratelimit import SlidingWindowLimiter, max_in_window, parse_rate
+from .responses import GOLDEN_DIR, generate_success, graph_error, load_golden, odata_context
+from .tokens import GRAPH_AUDIENCES, TokenError, TokenSigner, default_signer, unverified_claims
+
+VERSIONS = ("v1.0", "beta")
+REQUIRED_ROLES = frozenset({"Synchronization.ReadWrite.All", "Application.ReadWrite.OwnedBy"})
+MAX_GROUP_MEMBERS = 5
+SUCCESS_CONTENT_TYPE = "application/json;odata.metadata=minimal;odata.streaming=true;IEEE754Compatible=false;charset=utf-8"
+WWW_AUTHENTICATE = ('Bearer realm="", authorization_uri="https://login.microsoftonline.com/common/oauth2/authorize", '
+                    'client_id="00000003-0000-0000-c000-000000000000"')
+
+# Routes: (method, template segments, handler name). "{name}" segments capture the decoded segment.
+# Room for later: GET jobs/{jobId}, GET jobs/{jobId}/schema, POST jobs/{jobId}/start.
+_JOB = ("{version}", "servicePrincipals", "{servicePrincipalId}", "synchronization", "jobs", "{jobId}")
+ROUTES: list[tuple[str, tuple[str, ...], str]] = [
+    ("POST", _JOB + ("provisionOnDemand",), "provision_on_demand"),
+]
+
+_STATUS_CODES = {
+    400: "BadRequest", 401: "InvalidAuthenticationToken", 403: "Authorization_RequestDenied",
+    404: "Request_ResourceNotFound", 405: "Request_BadRequest", 409: "Conflict", 429: "TooManyRequests",
+    500: "InternalServerError", 502: "BadGateway", 503: "ServiceUnavailable", 504: "GatewayTimeout",
+}
+
+# OData property names per type in the request body (case-sensitive, as Graph checks them).
+_PARAM_PROPS = {"ruleId", "subjects"}
+_SUBJECT_PROPS = {"objectId", "objectTypeName", "links"}
+_LINK_PROPS = {"members", "manager", "owners"}
+
+
+class BodyError(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def parse_latency(value: Any) -> tuple[float, float]:
+    """0.5 -> (0.5, 0.5); "0.2-2.5" -> (0.2, 2.5); [lo, hi] -> (lo, hi); None -> (0, 0)."""
+    if value is None:
+        return 0.0, 0.0
+    if isinstance(value, (int, float)):
+        lo = hi = value
+    elif isinstance(value, str):
+        lo, sep, hi = value.strip().partition("-")
+        hi = hi if sep else lo
+    else:
+        lo, hi = value
+    lo, hi = float(lo), float(hi)
+    if lo < 0 or hi < lo:
+        raise ValueError(f"latency range must satisfy 0 <= lo <= hi, not {value!r}")
+    return lo, hi
+
+
+def _check_props(obj: dict, allowed: set[str], type_name: str) -> None:
+    for name in obj:
+        if name not in allowed and not name.startswith("@odata."):
+            raise BodyError(
+                "BadRequest",
+                f"The property '{name}' does not exist on type 'microsoft.graph.{type_name}'. "
+                "Make sure to only use property names that are defined by the type.",
+            )
+
+
+def _check_subject(subject: Any, where: str) -> None:
+    if not isinstance(subject, dict):
+        raise BodyError("BadRequest", f"{where} must be a synchronizationJobSubject object.")
+    _check_props(subject, _SUBJECT_PROPS, "synchronizationJobSubject")
+    for prop in ("objectId", "objectTypeName"):
+        value = subject.get(prop)
+        if not isinstance(value, str) or not value.strip():
+            raise BodyError("RequestParameterInvalid", f"The request parameter '{prop}' of {where} is invalid: "
+                                                       "a non-empty string is required.")
+    links = subject.get("links")
+    if links is None:
+        return
+    if not isinstance(links, dict):
+        raise BodyError("BadRequest", f"{where}.links must be a synchronizationLinkedObjects object.")
+    _check_props(links, _LINK_PROPS, "synchronizationLinkedObjects")
+    for prop in ("members", "owners"):
+        items = links.get(prop)
+        if items is None:
+            continue
+        if not isinstance(items, list):
+            raise BodyError("BadRequest", f"{where}.links.{prop} must be a collection.")
+        for i, item in enumerate(items):
+            _check_subject(item, f"{where}.links.{prop}[{i}]")
+    if links.get("manager") is not None:
+        _check_subject(links["manager"], f"{where}.links.manager")
+
+
+def validate_provision_body(body: Any) -> None:
+    """Raise BodyError like Graph would for a provisionOnDemand body."""
+    if not isinstance(body, dict):
+        raise BodyError("BadRequest", "Empty Payload. JSON content expected.")
+    for name in body:
+        if name != "parameters" and not name.startswith("@odata."):
+            raise BodyError("BadRequest", f"The parameter '{name}' in the request payload is not a valid "
+                                          "parameter for the operation 'provisionOnDemand'.")
+    params = body.get("parameters")
+    if not isinstance(params, list):
+        raise BodyError("BadRequest", "The parameter 'parameters' is required and must be a collection of "
+                                      "microsoft.graph.synchronizationJobApplicationParameters.")
+    if not params:
+        raise BodyError("RequestParameterInvalid", "The request parameter 'parameters' is invalid: it is empty.")
+    groups = 0
+    for i, param in enumerate(params):
+        if not isinstance(param, dict):
+            raise BodyError("BadRequest", f"parameters[{i}] must be a synchronizationJobApplicationParameters object.")
+        _check_props(param, _PARAM_PROPS, "synchronizationJobApplicationParameters")
+        rule_id = param.get("ruleId")
+        if not isinstance(rule_id, str) or not rule_id.strip():
+            raise BodyError("RequestParameterInvalid",
+                            "The request parameter 'ruleId' is invalid: the synchronization rule id is required.")
+        subjects = param.get("subjects")
+        if not isinstance(subjects, list) or not subjects:
+            raise BodyError("RequestParameterInvalid",
+                            "The request parameter 'subjects' is invalid: at least one subject is required.")
+        for j, subject in enumerate(subjects):
+            where = f"parameters[{i}].subjects[{j}]"
+            _check_subject(subject, where)
+            if subject["objectTypeName"].lower() == "group":
+                groups += 1
+                members = (subject.get("links") or {}).get("members") or []
+                if len(members) > MAX_GROUP_MEMBERS:
+                    raise BodyError("BadRequest",
+                                    "The on-demand provisioning request API can only accept a single group with up "
+                                    f"to {MAX_GROUP_MEMBERS} members at a time; {where} has {len(members)} members.")
+    if groups > 1:
+        raise BodyError("BadRequest", "The on-demand provisioning request API can only accept a single group "
+                                      f"with up to {MAX_GROUP_MEMBERS} members at a time; {groups} groups were sent.")
+
+
+def first_object_id(body: Any) -> str | None:
+    try:
+        oid = body["parameters"][0]["subjects"][0]["objectId"]
+    except (KeyError, IndexError, TypeError):
+        return None
+    return oid if isinstance(oid, str) else None
+
+
+class GraphSimulator(SimServer):
+    """The Graph simulator. `endpoint` (no version suffix) is the value for GRAPH_ENDPOINT."""
+
+    def __init__(
+        self,
+        port: int = 0,
+        host: str = "127.0.0.1",
+        *,
+        signer: TokenSigner | None = None,
+        latency: Any = None,
+        rate_calls: int | None = 5,
+        rate_window: float = 10.0,
+        count_throttled: bool = True,
+        audiences: Iterable[str] = GRAPH_AUDIENCES,
+        clock_skew: float = 0.0,
+        golden_dir: Path | str = GOLDEN_DIR,
+        known_jobs: Iterable[tuple[str, str]] | None = None,
+        seed: int | None = None,
+        verbose: bool = False,
+    ) -> None:
+        super().__init__(_GraphHandler, port, host, verbose=verbose)
+        self.signer = signer or default_signer()
+        self.audiences = frozenset(audiences)
+        self.clock_skew = float(clock_skew)
+        self.golden = load_golden(golden_dir)
+        self.known_jobs = None if known_jobs is None else {tuple(j) for j in known_jobs}
+        self.limiter = SlidingWindowLimiter(rate_calls, rate_window, count_throttled)
+        self.latency = parse_latency(latency)
+        self._rng = random.Random(seed)
+        self._lock = threading.Lock()
+        self._log: list[dict[str, Any]] = []
+        self._seq = itertools.count(1)
+        self._script: dict[str, deque[dict[str, Any]]] = {}
+        self.throttled = 0  # 429s answered by the rate limiter (scripted 429s not included)
+
+    # --- properties ----------------------------------------------------------------------------
+    @property
+    def endpoint(self) -> str:
+        return self.base_url
+
+    @property
+    def rate_calls(self) -> int | None:
+        return self.limiter.calls
+
+    @property
+    def rate_window(self) -> float:
+        return self.limiter.window
+
+    @property
+    def count_throttled(self) -> bool:
+        return self.limiter.count_throttled
+
+    # --- configuration -------------------------------------------------------------------------
+    def configure(
+        self,
+        *,
+        latency: Any = ...,
+        rate_calls: int | None = None,
+        rate_window: float | None = None,
+        count_throttled: bool | None = None,
+        rate: str | None = None,
+        clock_skew: float | None = None,
+        known_jobs: Any = ...,
+    ) -> dict[str, Any]:
+        """Change latency ("lo-hi", [lo, hi] or seconds), rate ("5/10" or rate_calls/rate_window),
+        count_throttled, clock_skew, known_jobs ([[spId, jobId], ...] or None = any)."""
+        if rate is not None:
+            rate_calls, rate_window = parse_rate(rate)
+        self.limiter.configure(calls=rate_calls, window=rate_window, count_throttled=count_throttled)
+        with self._lock:
+            if latency is not ...:
+                self.latency = parse_latency(latency)
+            if clock_skew is not None:
+                self.clock_skew = float(clock_skew)
+            if known_jobs is not ...:
+                self.known_jobs = None if known_jobs is None else {tuple(j) for j in known_jobs}
+        return self.config()
+
+    def config(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "latency": list(self.latency),
+                "rate_calls": self.limiter.calls,
+                "rate_window": self.limiter.window,
+                "count_throttled": self.limiter.count_throttled,
+                "clock_skew": self.clock_skew,
+                "known_jobs": None if self.known_jobs is None else sorted(list(j) for j in self.known_jobs),
+            }
+
+    # --- fault script --------------------------------------------------------------------------
+    def script(self, object_id: str, *answers: Mapping[str, Any]) -> None:
+        """Queue canned answers for calls whose first subject has `object_id` ("*" = any call).
+
+        Each answer: {"status": 503, "headers": {...}, "body": <json or raw string>, "delay": s,
+        "reset": bool, "key": <raw str>, "value": <raw str>}. With key/value the body is a
+        stringKeyStringValuePair holding those raw strings; a 200 without body/key/value is the
+        normal generated (or golden) answer; other statuses without body get a Graph error body.
+        """
+        with self._lock:
+            queue = self._script.setdefault(object_id, deque())
+            for answer in answers:
+                if not isinstance(answer, Mapping):
+                    raise TypeError("each scripted answer must be a JSON object")
+                queue.append(dict(answer))
+
+    def set_script(self, script: Mapping[str, Iterable[Mapping[str, Any]]]) -> None:
+        """Replace the whole script: {objectId: [answer, ...]}."""
+        with self._lock:
+            self._script.clear()
+        for object_id, answers in script.items():
+            self.script(object_id, *answers)
+
+    def clear_script(self) -> None:
+        with self._lock:
+            self._script.clear()
+
+    def pending_script(self) -> dict[str, list[dict[str, Any]]]:
+        with self._lock:
+            return {k: copy.deepcopy(list(v)) for k, v in self._script.items() if v}
+
+    def _pop_script(self, object_id: str | None) -> dict[str, Any] | None:
+        with self._lock:
+            for key in (object_id, "*"):
+                if key is not None and self._script.get(key):
+                    return self._script[key].popleft()
+        return None
+
+    # --- call log ------------------------------------------------------------------------------
+    def calls(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return copy.deepcopy(self._log)
+
+    def reset_calls(self) -> None:
+        """Forget the call log, the rate window and the throttle counter."""
+        with self._lock:
+            self._log.clear()
+            self.throttled = 0
+        self.limiter.reset()
+
+    def max_in_window(self, window: float | None = None, *, counted_only: bool = False) -> int:
+        """Max arrivals in any sliding window of `window` seconds (default: the rate window)."""
+        window = self.limiter.window if window is None else float(window)
+        with self._lock:
+            times = [c["arrival"] for c in self._log if c["counted"] or not counted_only]
+        return max_in_window(times, window)
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            by_status = Counter(str(c["status"]) if not c["reset"] else "reset" for c in self._log)
+            scripted = sum(1 for c in self._log if c["scripted"])
+            calls = len(self._log)
+            throttled = self.throttled
+        return {
+            "calls": calls,
+            "throttled": throttled,
+            "max_in_window": self.max_in_window(),
+            "scripted": scripted,
+            "by_status": dict(by_status),
+            "rate_calls": self.limiter.calls,
+            "rate_window": self.limiter.window,
+            "count_throttled": self.limiter.count_throttled,
+        }
+
+    def _append(self, record: dict[str, Any]) -> None:
+        with self._lock:
+            record["seq"] = next(self._seq)
+            self._log.append(record)
+
+    def _update(self, record: dict[str, Any], **fields: Any) -> None:
+        with self._lock:
+            record.update(fields)
+
+    def _sleep_latency(self) -> None:
+        lo, hi = self.latency
+        if hi > 0:
+            with self._lock:
+                delay = self._rng.uniform(lo, hi)
+            time.sleep(delay)
+
+
+def _redact_headers(headers: Any) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for name, value in headers.items():
+        key = name.lower()
+        if key == "authorization":
+            scheme = value.split(" ", 1)[0] if value else ""
+            value = f"{scheme} <redacted>" if scheme else "<redacted>"
+        out[key] = value
+    return out
+
+
+class _GraphHandler(SimHandler):
+    server: GraphSimulator
+
+    def do_GET(self) -> None:
+        self._dispatch()
+
+    def do_POST(self) -> None:
+        self._dispatch()
+
+    def do_PUT(self) -> None:
+        self._dispatch()
+
+    def do_PATCH(self) -> None:
+        self._dispatch()
+
+    def do_DELETE(self) -> None:
+        self._dispatch()
+
+    # --- admin ---------------------------------------------------------------------------------
+    def _admin(self, path: str, query: str) -> None:
+        sim = self.server
+        method = self.command
+        try:
+            body = parse_json_body(self.read_body()) if method in ("POST", "PUT", "PATCH") else {}
+        except ValueError as exc:
+            self.send_json(400, {"error": f"bad admin body: {exc}"})
+            return
+        try:
+            if path == "/_sim/calls" and method == "GET":
+                self.send_json(200, sim.calls())
+            elif path == "/_sim/calls" and method == "DELETE":
+                sim.reset_calls()
+                self.send_json(200, sim.stats())
+            elif path == "/_sim/stats" and method == "GET":
+                self.send_json(200, sim.stats())
+            elif path == "/_sim/max_in_window" and method == "GET":
+                q = {k: v[-1] for k, v in parse_qs(query).items()}
+                window = float(q["window"]) if "window" in q else None
+                counted_only = q.get("counted_only", "0").lower() in ("1", "true", "yes")
+                self.send_json(200, {"max_in_window": sim.max_in_window(window, counted_only=counted_only),
+                                     "window": sim.rate_window if window is None else window})
+            elif path == "/_sim/script" and method == "GET":
+                self.send_json(200, sim.pending_script())
+            elif path == "/_sim/script" and method == "DELETE":
+                sim.clear_script()
+                self.send_json(200, sim.pending_script())
+            elif path == "/_sim/script" and method == "POST":
+                if not isinstance(body, dict):
+                    raise ValueError("JSON object expected")
+                if "script" in body:
+                    if body.get("replace"):
+                        sim.set_script(body["script"])
+                    else:
+                        for object_id, answers in body["script"].items():
+                            sim.script(object_id, *answers)
+                else:
+                    answers = body.get("answers")
+                    if answers is None:
+                        answers = [body["answer"]]
+                    sim.script(body.get("objectId", "*"), *answers)
+                self.send_json(200, sim.pending_script())
+            elif path == "/_sim/config" and method == "GET":
+                self.send_json(200, sim.config())
+            elif path == "/_sim/config" and method == "POST":
+                if not isinstance(body, dict):
+                    raise ValueError("JSON object expected")
+                self.send_json(200, sim.configure(**body))
+            else:
+                self.send_json(404, {"error": f"No admin route {method} {path}"})
+        except (KeyError, TypeError, ValueError) as exc:
+            self.send_json(400, {"error": f"{exc.__class__.__name__}: {exc}"})
+
+    # --- Graph ---------------------------------------------------------------------------------
+    def _dispatch(self) -> None:
+        raw_path, _, query = self.raw_target.partition("?")
+        if raw_path.startswith("/_sim/"):
+            self._admin(raw_path, query)
+            return
+        sim = self.server
+        raw_body = self.read_body()
+        body: Any = None
+        body_error = None
+        body_text = raw_body.decode("utf-8", errors="replace")
+        if raw_body.strip():
+            try:
+                body = json.loads(body_text)
+            except ValueError as exc:
+                body_error = str(exc)
+        segments_raw = raw_path.split("/")[1:] if raw_path.startswith("/") else [raw_path]
+        segments = [unquote(s) for s in segments_raw]
+        route, params, path_matches = self._match(segments)
+        request_id = str(uuid.uuid4())
+        client_request_id = self.headers.get("client-request-id") or request_id
+        record: dict[str, Any] = {
+            "seq": 0,
+            "arrival": self.arrival,
+            "wall_time": self.arrival_wall,
+            "method": self.command,
+            "raw_path": raw_path,
+            "raw_target": self.raw_target,
+            "query": query,
+            "segments": segments,
+            "route": route,
+            "version": params.get("version"),
+            "servicePrincipalId": params.get("servicePrincipalId"),
+            "jobId": params.get("jobId"),
+            "headers": _redact_headers(self.headers),
+            "body": body,
+            "raw_body": body_text if body_error is not None else None,
+            "objectId": first_object_id(body),
+            "tid": None,
+            "auth": None,
+            "status": None,
+            "reset": False,
+            "scripted": False,
+            "counted": False,
+            "throttled": False,
+            "request_id": request_id,
+            "client_request_id": client_request_id,
+        }
+        sim._append(record)
+        base_headers = {"request-id": request_id, "client-request-id": client_request_id}
+
+        def error(status: int, code: str, message: str, extra: Mapping[str, Any] | None = None) -> None:
+            sim._update(record, status=status)
+            self.send_json(status, graph_error(code, message, request_id, client_request_id),
+                           headers={**base_headers, **(extra or {})})
+
+        if route is None:
+            if path_matches:
+                error(405, "Request_BadRequest",
+                      f"The request method '{self.command}' is not allowed for the resource.")
+            else:
+                error(404, "Request_ResourceNotFound", f"Resource not found for the path '{raw_path}'.")
+            return
+
+        # Token (verified now, acted on after the script).
+        claims: dict[str, Any] | None = None
+        auth_error = None
+        authorization = self.headers.get("Authorization") or ""
+        scheme, _, token = authorization.partition(" ")
+        if not authorization:
+            auth_error = "Access token is empty."
+        elif scheme.lower() != "bearer" or not token.strip():
+            auth_error = "Access token validation failure: the Authorization header is not a Bearer token."
+        else:
+            try:
+                claims = sim.signer.decode(token.strip(), audiences=sim.audiences, leeway=sim.clock_skew)
+            except TokenError as exc:
+                auth_error = str(exc)
+        seen = claims or (unverified_claims(token.strip()) if token else None) or {}
+        tid = claims.get("tid") if claims else None
+        sim._update(record, tid=tid, auth={
+            "valid": claims is not None, "error": auth_error,
+            "aud": seen.get("aud"), "tid": seen.get("tid"), "appid": seen.get("appid"),
+            "roles": seen.get("roles"), "exp": seen.get("exp"),
+        })
+
+        # 3. Fault script.
+        answer = sim._pop_script(record["objectId"])
+        if answer is not None:
+            sim.limiter.record(tid or seen.get("tid") or "unknown", self.arrival)
+            sim._update(record, scripted=True, counted=True)
+            self._scripted(answer, record, params, body, base_headers)
+            return
+
+        # 4. Authentication (failures are not counted toward the rate window).
+        if claims is None:
+            error(401, "InvalidAuthenticationToken", auth_error or "Access token validation failure.",
+                  {"WWW-Authenticate": WWW_AUTHENTICATE})
+            return
+
+        # 5. Rate limit at arrival time.
+        admitted, retry_after, counted = sim.limiter.admit(tid, self.arrival)
+        sim._update(record, counted=counted)
+        if not admitted:
+            with sim._lock:
+                sim.throttled += 1
+            sim._update(record, throttled=True)
+            error(429, "TooManyRequests",
+                  "Too many requests: provisionOnDemand allows "
+                  f"{sim.rate_calls} requests per {sim.rate_window:g} seconds. Retry after {retry_after} seconds.",
+                  {"Retry-After": str(retry_after)})
+            return
+
+        # 6. Permissions.
+        roles = claims.get("roles") or []
+        if not REQUIRED_ROLES.intersection(roles if isinstance(roles, list) else []):
+            sim._sleep_latency()
+            error(403, "Authorization_RequestDenied", "Insufficient privileges to complete the operation.")
+            return
+
+        # 7. Body.
+        if body_error is not None:
+            sim._sleep_latency()
+            error(400, "BadRequest", f"Unable to read JSON request payload. Please ensure Content-Type header is "
+                                     f"set and payload is of valid JSON format. ({body_error})")
+            return
+        try:
+            validate_provision_body(body)
+        except BodyError as exc:
+            sim._sleep_latency()
+            error(400, exc.code, exc.message)
+            return
+        if sim.known_jobs is not None and (params["servicePrincipalId"], params["jobId"]) not in sim.known_jobs:
+            sim._sleep_latency()
+            error(404, "Request_ResourceNotFound",
+                  f"Resource '{params['servicePrincipalId']}' or job '{params['jobId']}' does not exist.")
+            return
+
+        # 8. Success.
+        sim._sleep_latency()
+        self._success(record, params, body, base_headers, claims)
+
+    def _match(self, segments: list[str]) -> tuple[str | None, dict[str, str], bool]:
+        """(route name or None, captured params, whether the path matched some route for another method)."""
+        path_matches = False
+        for method, template, name in ROUTES:
+            if len(template) != len(segments):
+                continue
+            params: dict[str, str] = {}
+            for tpl, seg in zip(template, segments):
+                if tpl.startswith("{"):
+                    if tpl == "{version}" and seg not in VERSIONS:
+                        break
+                    params[tpl[1:-1]] = seg
+                elif tpl != seg:
+                    break
+            else:
+                if method == self.command:
+                    return name, params, True
+                path_matches = True
+        return None, {}, path_matches
+
+    def _success(self, record: dict[str, Any], params: dict[str, str], body: Any,
+                 base_headers: dict[str, str], claims: Mapping[str, Any] | None) -> None:
+        sim = self.server
+        golden = sim.golden.get(record["objectId"] or "")
+        if golden is not None:
+            payload = golden["response"]
+        else:
+            aud = (claims or {}).get("aud")
+            root = aud if isinstance(aud, str) and aud.startswith("https://") else "https://graph.microsoft.com"
+            subject = body["parameters"][0]["subjects"][0]
+            payload = {"@odata.context": odata_context(root, params.get("version") or "v1.0"),
+                       **generate_success(subject)}
+        sim._update(record, status=200)
+        self.send_json(200, payload, headers=base_headers, content_type=SUCCESS_CONTENT_TYPE)
+
+    def _scripted(self, answer: dict[str, Any], record: dict[str, Any], params: dict[str, str], body: Any,
+                  base_headers: dict[str, str]) -> None:
+        sim = self.server
+        delay = float(answer.get("delay") or 0)
+        if delay > 0:
+            time.sleep(delay)
+        if answer.get("reset"):
+            sim._update(record, reset=True)
+            self.reset_connection()
+            return
+        status = int(answer.get("status", 200))
+        headers = {**base_headers, **(answer.get("headers") or {})}
+        if "key" in answer or "value" in answer:
+            payload = {
+                "@odata.context": odata_context("https://graph.microsoft.com", params.get("version") or "v1.0"),
+                "key": answer.get("key", ""),
+                "value": answer.get("value", ""),
+            }
+            raw = json.dumps(payload).encode("utf-8")
+        elif "body" in answer:
+            b = answer["body"]
+            raw = b.encode("utf-8") if isinstance(b, str) else json.dumps(b).encode("utf-8")
+        elif status == 200 and first_object_id(body) is not None:
+            self._success(record, params, body, base_headers, None)
+            return
+        else:
+            code = _STATUS_CODES.get(status, "UnknownError")
+            raw = json.dumps(graph_error(code, f"Scripted {status} answer.", base_headers["request-id"],
+                                         base_headers["client-request-id"])).encode("utf-8")
+        sim._update(record, status=status)
+        self.send_bytes(status, raw, content_type="application/json", headers=headers)
