@@ -36,6 +36,7 @@ class Settings(BaseSettings):
 
     storage_connection: str | None = Field(None, alias="AzureWebJobsStorage")
     storage_queue_service_uri: str | None = Field(None, alias="AzureWebJobsStorage__queueServiceUri")
+    storage_account_name: str | None = Field(None, alias="AzureWebJobsStorage__accountName")
     azure_client_id: str | None = Field(None, alias="AZURE_CLIENT_ID")
 
     graph_cloud: str = Field("Global", alias="GRAPH_CLOUD")
@@ -86,12 +87,19 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _storage_configured(self) -> "Settings":
-        if not self.storage_connection and not self.storage_queue_service_uri:
+        if not (self.storage_connection or self.storage_queue_service_uri or self.storage_account_name):
             raise ValueError(
                 "Storage is not configured: set AzureWebJobsStorage (connection string, or "
-                "UseDevelopmentStorage=true) or AzureWebJobsStorage__queueServiceUri (identity-based)"
+                "UseDevelopmentStorage=true), or for identity-based access AzureWebJobsStorage__accountName "
+                "or AzureWebJobsStorage__queueServiceUri"
             )
         return self
+
+    @property
+    def queue_service_uri(self) -> str | None:
+        if self.storage_queue_service_uri:
+            return self.storage_queue_service_uri
+        return f"https://{self.storage_account_name}.queue.core.windows.net" if self.storage_account_name else None
 
     @property
     def graph_root(self) -> str:

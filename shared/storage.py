@@ -33,7 +33,7 @@ def service_client(settings: Settings) -> QueueServiceClient:
         return QueueServiceClient.from_connection_string(conn)
     from .credentials import app_credential
 
-    return QueueServiceClient(settings.storage_queue_service_uri, credential=app_credential(settings.azure_client_id))
+    return QueueServiceClient(settings.queue_service_uri, credential=app_credential(settings.azure_client_id))
 
 
 class Queues:

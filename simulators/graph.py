@@ -344,11 +344,13 @@ class GraphSimulator(SimServer):
         with self._lock:
             record.update(fields)
 
-    def _sleep_latency(self) -> None:
+    def _sleep_latency(self, record: dict[str, Any] | None = None) -> None:
         lo, hi = self.latency
         if hi > 0:
             with self._lock:
                 delay = self._rng.uniform(lo, hi)
+                if record is not None:
+                    record["latency"] = delay  # what the benchmark subtracts from end-to-end latency
             time.sleep(delay)
 
 
@@ -574,7 +576,7 @@ class _GraphHandler(SimHandler):
             return
 
         # 8. Success.
-        sim._sleep_latency()
+        sim._sleep_latency(record)
         self._success(record, params, body, base_headers, claims)
 
     def _match(self, segments: list[str]) -> tuple[str | None, dict[str, str], bool]:

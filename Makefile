@@ -1,0 +1,32 @@
+# The two commands: `make run` (everything on loopback) and `make test` (the whole suite).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: setup run test bench bench-full clean
+
+setup: $(VENV)/.installed node_modules/.installed
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	touch $@
+
+node_modules/.installed: package.json package-lock.json
+	npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+run: setup
+	$(PY) -m scripts.run_local
+
+test: setup
+	$(PY) -m pytest
+
+bench: setup
+	$(PY) -m scripts.bench --requests 60
+
+bench-full: setup
+	$(PY) -m scripts.bench --requests 300
+
+clean:
+	rm -rf $(VENV) node_modules .run .pytest_cache .hypothesis
