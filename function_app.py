@@ -1,7 +1,9 @@
 """Azure Functions bindings only: each function hands off to shared/, which knows nothing of the host."""
+from typing import List
+
 import azure.functions as func
 
-from shared import handlers
+from shared import handlers, log_analytics
 from shared.runtime import runtime
 from shared.settings import get_settings
 
@@ -16,19 +18,33 @@ def _reply(reply: handlers.HttpReply) -> func.HttpResponse:
     return func.HttpResponse(reply.json(), status_code=reply.status, headers=reply.headers, mimetype=JSON)
 
 
+# Work due now goes out through an output binding: the host then polls the work queue at once.
 @app.route(route="provision", methods=["POST"])
-def provision(req: func.HttpRequest) -> func.HttpResponse:
-    return _reply(handlers.provision_http(req.get_body(), dict(req.headers), runtime()))
+@app.queue_output(arg_name="work", queue_name="%WORK_QUEUE%", connection="AzureWebJobsStorage")
+def provision(req: func.HttpRequest, work: func.Out[List[str]]) -> func.HttpResponse:
+    reply = handlers.provision_http(req.get_body(), dict(req.headers), runtime())
+    if reply.work:
+        work.set(reply.work)
+    return _reply(reply)
 
 
 @app.queue_trigger(arg_name="msg", queue_name="%INTAKE_QUEUE%", connection="AzureWebJobsStorage")
-def intake_queue(msg: func.QueueMessage) -> None:
-    handlers.intake_message(msg.get_body(), runtime())
+@app.queue_output(arg_name="work", queue_name="%WORK_QUEUE%", connection="AzureWebJobsStorage")
+def intake_queue(msg: func.QueueMessage, work: func.Out[List[str]]) -> None:
+    due = handlers.intake_message(msg.get_body(), runtime())
+    if due:
+        work.set(due)
 
 
 @app.queue_trigger(arg_name="msg", queue_name="%WORK_QUEUE%", connection="AzureWebJobsStorage")
 def provision_worker(msg: func.QueueMessage) -> None:
     handlers.work_message(msg.get_body(), runtime())
+
+
+# Rows for Log Analytics (RESULTS_SINK=loganalytics|both); failures go back on the queue, never raise.
+@app.queue_trigger(arg_name="msg", queue_name="%LOGS_QUEUE%", connection="AzureWebJobsStorage")
+def log_analytics_upload(msg: func.QueueMessage) -> None:
+    log_analytics.upload_message(msg.get_body(), runtime())
 
 
 @app.timer_trigger(arg_name="timer", schedule="*/30 * * * * *", run_on_startup=True)

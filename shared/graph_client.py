@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Literal
+from typing import Callable, Literal
 from urllib.parse import quote
 
 import httpx
@@ -31,15 +31,18 @@ class SendTiming:
     write. A call that failed before its headers started never reached Graph at all.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, on_sent: Callable[[float], None] | None = None) -> None:
         self.started: float | None = None
         self.sent: float | None = None
+        self._on_sent = on_sent
 
     def trace(self, event: str, info: dict) -> None:
         if event.endswith("send_request_headers.started"):
             self.started = time.monotonic()
-        elif event.endswith("send_request_body.complete"):
+        elif event.endswith("send_request_body.complete") and self.sent is None:
             self.sent = time.monotonic()
+            if self._on_sent is not None:
+                self._on_sent(self.sent)
 
 
 @dataclass
@@ -59,6 +62,10 @@ def provision_path(version: str, service_principal_id: str, job_id: str) -> str:
     # Every segment is percent-encoded in full, so no identifier can add path or query parts.
     return (f"/{quote(version, safe='.')}/servicePrincipals/{quote(service_principal_id, safe='')}"
             f"/synchronization/jobs/{quote(job_id, safe='')}/provisionOnDemand")
+
+
+def job_path(version: str, service_principal_id: str, job_id: str) -> str:
+    return provision_path(version, service_principal_id, job_id).removesuffix("/provisionOnDemand")
 
 
 def _graph_error(response: httpx.Response) -> tuple[str, str]:
@@ -123,6 +130,26 @@ class GraphClient:
         except ValueError:
             raise GraphFailure("transient", "InvalidGraphResponse",
                                "Graph answered 200 with a body that is not a JSON object", 200, timing=timing) from None
+
+    def get_job(self, service_principal_id: str, job_id: str, token: str) -> dict:
+        """The synchronizationJob (status, schedule); raises GraphFailure like provision_on_demand."""
+        path = job_path(self._settings.graph_api_version, service_principal_id, job_id)
+        try:
+            response = self._http.get(path, headers={"Authorization": f"Bearer {token}"})
+        except httpx.TimeoutException:
+            raise GraphFailure("transient", "Timeout", "Graph did not answer in time") from None
+        except httpx.TransportError as exc:
+            raise GraphFailure("transient", "ConnectionError", f"{type(exc).__name__} talking to Graph") from None
+        if response.status_code != 200:
+            raise classify(response)
+        try:
+            job = response.json()
+        except ValueError:
+            job = None
+        if not isinstance(job, dict):
+            raise GraphFailure("transient", "InvalidGraphResponse", "Graph answered 200 with a body that is not "
+                               "a JSON object", 200)
+        return job
 
     def close(self) -> None:
         self._http.close()

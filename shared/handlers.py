@@ -7,8 +7,10 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from .errors import RequestRejected
-from .intake import accept, check_http_request, dead_letter_for, decode_queue_text
+from .dispatch import place
+from .intake import AcceptedRequest, accept, check_http_request, dead_letter_for, decode_queue_text
 from .runtime import Runtime
+from .schedule import TooLong
 from .worker import handle_work_message
 
 log = logging.getLogger(__name__)
@@ -19,6 +21,7 @@ class HttpReply:
     status: int
     body: dict[str, Any]
     headers: dict[str, str] = field(default_factory=dict)
+    work: list[str] = field(default_factory=list)  # work items due now, for the queue output binding
 
     def json(self) -> str:
         return json.dumps(self.body)
@@ -28,35 +31,46 @@ def _error_reply(rejected: RequestRejected) -> HttpReply:
     return HttpReply(rejected.status, {"error": rejected.info.model_dump(exclude_none=True)}, rejected.headers)
 
 
-def _enqueue(accepted, rt: Runtime) -> None:
-    for request in accepted:
-        for item in request.items:
-            rt.queues.send_json(rt.settings.work_queue, item)
+def _enqueue(accepted: list[AcceptedRequest], rt: Runtime) -> list[str]:
+    """Book slots for every call; refuse the lot when the wait would exceed MAX_EXPECTED_WAIT_HOURS."""
+    items = [item for request in accepted for item in request.items]
+    limit = rt.settings.max_expected_wait_hours * 3600
+    try:
+        return place(items, rt, max_wait=limit)
+    except TooLong as too_long:
+        raise RequestRejected(
+            503, "BacklogTooLong",
+            f"the backlog would delay these calls by about {too_long.wait / 3600:.1f} h, more than "
+            f"MAX_EXPECTED_WAIT_HOURS ({rt.settings.max_expected_wait_hours:g} h); send them later",
+            [{"expectedWaitSeconds": round(too_long.wait)}],
+            headers={"Retry-After": str(max(1, round(too_long.wait - limit)))}) from None
 
 
 def provision_http(body: bytes, headers: Mapping[str, str], rt: Runtime) -> HttpReply:
     try:
         text = check_http_request(body, headers, rt.settings)
         accepted = accept(text, rt.settings)
+        work = _enqueue(accepted, rt)
     except RequestRejected as rejected:
         return _error_reply(rejected)
-    _enqueue(accepted, rt)
     log.info("accepted %d request(s), %d call(s) over HTTP", len(accepted), sum(len(a.items) for a in accepted))
-    return HttpReply(202, {"accepted": len(accepted), "requests": [a.summary() for a in accepted]})
+    return HttpReply(202, {"accepted": len(accepted), "requests": [a.summary() for a in accepted]}, work=work)
 
 
-def intake_message(raw: bytes | str, rt: Runtime) -> None:
-    """A message on the intake queue. Bad input is dead-lettered at once: retrying cannot fix it."""
+def intake_message(raw: bytes | str, rt: Runtime) -> list[str]:
+    """A message on the intake queue; returns the work due now for the output binding. Bad input
+    is dead-lettered at once: retrying cannot fix it."""
     original = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
     try:
         accepted = accept(decode_queue_text(raw), rt.settings)
+        work = _enqueue(accepted, rt)
     except RequestRejected as rejected:
         log.warning("intake message dead-lettered: %s", rejected.info.code)
         rt.queues.send_json(rt.settings.deadletter_queue, dead_letter_for(rejected, "intake", original))
-        return
-    _enqueue(accepted, rt)
+        return []
     log.info("accepted %d request(s) from the intake queue: %s", len(accepted),
              ", ".join(a.requestId for a in accepted))
+    return work
 
 
 def work_message(raw: bytes | str, rt: Runtime) -> None:

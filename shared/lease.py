@@ -18,7 +18,8 @@ import logging
 import math
 import time
 import uuid
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Protocol
 
 from azure.core.exceptions import HttpResponseError, ResourceExistsError, ResourceNotFoundError
@@ -41,7 +42,8 @@ class TokenStore(Protocol):
     """The queue operations the gate needs; a storage queue in production, a model in tests."""
 
     def receive(self, hold_seconds: int, max_count: int = 1) -> list[RawToken]: ...
-    def update(self, token: RawToken, visible_in: int) -> None: ...
+    def update(self, token: RawToken, visible_in: int) -> None:
+        """Set the token's visibility; on success token.pop_receipt becomes the new receipt."""
     def delete(self, token: RawToken) -> None: ...
     def properties(self) -> tuple[dict[str, str], int]: ...
     def set_metadata(self, metadata: dict[str, str]) -> None: ...
@@ -49,6 +51,8 @@ class TokenStore(Protocol):
 
 
 class QueueTokenStore:
+    """Token and timeline messages in a storage queue."""
+
     def __init__(self, queue: QueueClient):
         self._queue = queue
         try:
@@ -63,13 +67,24 @@ class QueueTokenStore:
 
     def update(self, token: RawToken, visible_in: int) -> None:
         try:
-            self._queue.update_message(token.id, token.pop_receipt, content=token.content,
-                                       visibility_timeout=visible_in)
+            updated = self._queue.update_message(token.id, token.pop_receipt, content=token.content,
+                                                 visibility_timeout=visible_in)
+            token.pop_receipt = updated.pop_receipt
         except (ResourceNotFoundError, HttpResponseError) as exc:
             # Our hold ran out and someone else has the token (or it was deleted as stale): the
             # hold timeout already guaranteed it reappeared late enough, so nothing is lost.
             log.warning("lease token %s could not be released (%s); its hold has expired", token.id,
                         getattr(exc, "error_code", type(exc).__name__))
+
+    def update_content(self, token: RawToken, content: str, visible_in: int) -> None:
+        try:
+            self._queue.update_message(token.id, token.pop_receipt, content=content, visibility_timeout=visible_in)
+        except (ResourceNotFoundError, HttpResponseError) as exc:
+            log.warning("timeline message %s could not be updated (%s)", token.id,
+                        getattr(exc, "error_code", type(exc).__name__))
+
+    def is_empty(self) -> bool:
+        return self.properties()[1] == 0
 
     def delete(self, token: RawToken) -> None:
         try:
@@ -92,6 +107,9 @@ class QueueTokenStore:
 class Lease:
     token: RawToken
     taken_at: float
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    timer: Timer | None = None
+    released: bool = False
 
 
 def pool_queue_name(base: str, scope: str, service_principal_id: str, job_id: str) -> str:
@@ -103,8 +121,9 @@ def pool_queue_name(base: str, scope: str, service_principal_id: str, job_id: st
 
 class RateGate:
     def __init__(self, store: TokenStore, calls: int, window: float, margin: float, call_timeout: float,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, start_timer: Callable[..., Timer] | None = None):
         self.store = store
+        self._start_timer = start_timer or _thread_timer
         self.calls = calls
         self.window = window
         self.margin = margin
@@ -159,26 +178,63 @@ class RateGate:
         return None
 
     def visible_in(self, sent_at: float | None) -> int:
-        """Seconds until the token may reappear: window + margin after the call was sent, or after
-        now when we cannot know when the request reached Graph."""
+        """Whole seconds until the token may reappear: window + margin after the call was sent,
+        or after now when we cannot know when the request reached Graph."""
         start = self.clock() if sent_at is None else sent_at
-        return max(0, math.ceil(start + self.window + self.margin - self.clock()))
+        # The 10 ms grace only absorbs float noise at the exact moment the timer aims for.
+        return max(0, math.ceil(start + self.window + self.margin - self.clock() - 0.01))
 
-    def release(self, lease: Lease, timing: "SendTiming") -> None:
-        if timing.started is None:
+    def on_sent(self, lease: Lease, sent_at: float) -> None:
+        """Called the moment the request body is written: give the token back while the call is
+        still in flight, timed so that it reappears exactly window + margin after `sent_at`.
+        Visibility timeouts are whole seconds, so the update waits for the instant when the time
+        left is a whole number (less than a second away) instead of rounding up to a second late."""
+        span = self.window + self.margin
+        delay = max(0.0, sent_at + (span - math.floor(span)) - self.clock())
+        lease.timer = self._start_timer(delay, self._release, lease, sent_at)
+
+    def _release(self, lease: Lease, sent_at: float | None) -> None:
+        with lease.lock:
+            if not lease.released:
+                self.store.update(lease.token, self.visible_in(sent_at))
+                lease.released = True
+
+    def finish(self, lease: Lease, timing: "SendTiming") -> None:
+        """After the call: make sure the token went back (or goes back now)."""
+        if lease.timer is not None:
+            lease.timer.join()
+        elif timing.started is None:
             # Nothing went on the wire (no connection, say): the call used no capacity.
-            self.store.update(lease.token, 0)
+            with lease.lock:
+                self.store.update(lease.token, 0)
+                lease.released = True
         else:
-            # Body fully written: count from then. Started but not finished: count from now.
-            self.store.update(lease.token, self.visible_in(timing.sent))
+            # Headers went out but the body never finished: count from now.
+            self._release(lease, None)
 
     def hold_back(self, lease: Lease, seconds: float) -> None:
         """After a 429: keep this token and every free token out of use for `seconds`, because
         Graph counts calls made while it throttles."""
         hold = max(self.visible_in(None), math.ceil(seconds))
-        self.store.update(lease.token, hold)
+        if lease.timer is not None:
+            lease.timer.join()
+        with lease.lock:
+            # Still invisible (it reappears a window after the call), so our receipt is valid.
+            self.store.update(lease.token, hold)
+            lease.released = True
         # Receiving a free token with this visibility is what hides it; nobody needs to give it back.
         self.store.receive(hold, max_count=self.calls)
+
+
+class Timer(Protocol):
+    def join(self) -> None: ...
+
+
+def _thread_timer(delay: float, fn: Callable[..., None], *args: object) -> Timer:
+    timer = threading.Timer(delay, fn, args)
+    timer.daemon = True
+    timer.start()
+    return timer
 
 
 def _epoch_of(content: str) -> str | None:

@@ -188,6 +188,7 @@ class WorkItem(BaseModel):
     callCount: int = 1
     attempts: int = 0  # Graph calls made for this item so far
     deferrals: int = 0  # times it was put back to wait (capacity, throttling, outages)
+    notBefore: float | None = None  # booked slot, epoch seconds (see shared/schedule.py)
     receivedAt: datetime
 
     @property

@@ -2,6 +2,7 @@
 locally). Every name here is documented in local.settings.sample.json and the README."""
 from __future__ import annotations
 
+import re
 from enum import Enum
 from functools import lru_cache
 
@@ -21,6 +22,25 @@ GRAPH_ROOTS = {
     GraphCloud.US_GOV_L4: "https://graph.microsoft.us",
     GraphCloud.US_GOV_L5: "https://dod-graph.microsoft.us",
 }
+
+
+SLOT_SLACK_SECONDS = 0.25
+
+
+class ResultsSink(str, Enum):
+    QUEUE = "queue"
+    LOG_ANALYTICS = "loganalytics"
+    BOTH = "both"
+
+
+# Audience of Logs Ingestion tokens per cloud; Azure Government (L4 and L5) shares one.
+MONITOR_AUDIENCES = {
+    GraphCloud.GLOBAL: "https://monitor.azure.com",
+    GraphCloud.US_GOV_L4: "https://monitor.azure.us",
+    GraphCloud.US_GOV_L5: "https://monitor.azure.us",
+}
+DCR_ID_RE = re.compile(r"^dcr-[0-9A-Za-z]{8,64}$")
+STREAM_RE = re.compile(r"^(Custom|Microsoft)-[A-Za-z0-9_]{1,200}$")
 
 
 class RateLimitScope(str, Enum):
@@ -58,12 +78,23 @@ class Settings(BaseSettings):
     rate_limit_window_seconds: int = Field(10, alias="RATE_LIMIT_WINDOW_SECONDS", ge=1, le=3600)
     rate_limit_margin_seconds: float = Field(0.5, alias="RATE_LIMIT_MARGIN_SECONDS", ge=0, le=60)
     rate_limit_scope: RateLimitScope = Field(RateLimitScope.TENANT, alias="RATE_LIMIT_SCOPE")
+    schedule_lead_seconds: float = Field(2.0, alias="SCHEDULE_LEAD_SECONDS", ge=0, le=30)
+    max_slot_wait_seconds: float = Field(4.0, alias="MAX_SLOT_WAIT_SECONDS", ge=0, le=30)
 
     max_attempts: int = Field(10, alias="MAX_ATTEMPTS", ge=1, le=100)
     retry_base_seconds: float = Field(5.0, alias="RETRY_BASE_SECONDS", gt=0)
     retry_max_seconds: float = Field(900.0, alias="RETRY_MAX_SECONDS", gt=0)
     max_expected_wait_hours: float = Field(72.0, alias="MAX_EXPECTED_WAIT_HOURS", gt=0, le=167)
     max_body_bytes: int = Field(262144, alias="MAX_BODY_BYTES", ge=1024)
+
+    results_sink: ResultsSink = Field(ResultsSink.QUEUE, alias="RESULTS_SINK")
+    logs_ingestion_endpoint: str | None = Field(None, alias="LOGS_INGESTION_ENDPOINT")
+    logs_dcr_immutable_id: str | None = Field(None, alias="LOGS_DCR_IMMUTABLE_ID")
+    logs_stream_name: str = Field("Custom-ProvisioningResults_CL", alias="LOGS_STREAM_NAME")
+    logs_queue: str = Field("provision-logs", alias="LOGS_QUEUE")
+    logs_max_attempts: int = Field(10, alias="LOGS_MAX_ATTEMPTS", ge=1, le=100)
+    logs_batch_size: int = Field(100, alias="LOGS_BATCH_SIZE", ge=1, le=1000)
+    logs_timeout_seconds: float = Field(30.0, alias="LOGS_TIMEOUT_SECONDS", gt=0, le=120)
 
     @field_validator("graph_cloud")
     @classmethod
@@ -84,6 +115,34 @@ class Settings(BaseSettings):
         if value not in ("v1.0", "beta"):
             raise ValueError(f"GRAPH_API_VERSION must be 'v1.0' or 'beta', got {value!r}")
         return value
+
+    @field_validator("results_sink", mode="before")
+    @classmethod
+    def _sink_any_case(cls, value: object) -> object:
+        return value.strip().lower() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _log_analytics_configured(self) -> "Settings":
+        # Checked at start-up: a typo here would otherwise only show as rows piling up on LOGS_QUEUE.
+        given = {"LOGS_INGESTION_ENDPOINT": self.logs_ingestion_endpoint,
+                 "LOGS_DCR_IMMUTABLE_ID": self.logs_dcr_immutable_id}
+        missing = [name for name, value in given.items() if not value]
+        if self.logs_enabled and missing:
+            raise ValueError(f"RESULTS_SINK={self.results_sink.value} sends results to Log Analytics, which "
+                             f"needs LOGS_INGESTION_ENDPOINT and LOGS_DCR_IMMUTABLE_ID; missing: {', '.join(missing)}")
+        if not self.logs_enabled and len(missing) == 1:
+            raise ValueError(f"Log Analytics is half configured: {missing[0]} is not set while "
+                             f"{next(n for n in given if n not in missing)} is; set both (and RESULTS_SINK=both "
+                             "or loganalytics) or neither")
+        if self.logs_ingestion_endpoint and not self.logs_ingestion_endpoint.startswith("https://"):
+            raise ValueError("LOGS_INGESTION_ENDPOINT must be an https:// URL (the data collection endpoint or the "
+                             "DCR's logsIngestion endpoint); Azure SDKs never send bearer tokens over http")
+        if self.logs_dcr_immutable_id and not DCR_ID_RE.match(self.logs_dcr_immutable_id):
+            raise ValueError("LOGS_DCR_IMMUTABLE_ID must be the DCR's immutableId (dcr-<32 hex digits>), "
+                             "not its name or resource id")
+        if not STREAM_RE.match(self.logs_stream_name):
+            raise ValueError("LOGS_STREAM_NAME must name a stream of the DCR, such as Custom-ProvisioningResults_CL")
+        return self
 
     @model_validator(mode="after")
     def _storage_configured(self) -> "Settings":
@@ -106,13 +165,23 @@ class Settings(BaseSettings):
         return (self.graph_endpoint or GRAPH_ROOTS[GraphCloud(self.graph_cloud)]).rstrip("/")
 
     @property
+    def logs_enabled(self) -> bool:
+        return self.results_sink in (ResultsSink.LOG_ANALYTICS, ResultsSink.BOTH)
+
+    @property
+    def logs_scope(self) -> str:
+        return MONITOR_AUDIENCES[GraphCloud(self.graph_cloud)] + "/.default"
+
+    @property
     def graph_scope(self) -> str:
         # The token audience is the cloud's Graph root even when GRAPH_ENDPOINT points elsewhere.
         return GRAPH_ROOTS[GraphCloud(self.graph_cloud)] + "/.default"
 
     @property
-    def rate_per_second(self) -> float:
-        return self.rate_limit_calls / self.rate_limit_window_seconds
+    def slot_spacing(self) -> float:
+        # A token comes back window + margin after its call; the small slack keeps a call that
+        # starts a few milliseconds late from pushing its successor five slots on off its slot.
+        return (self.rate_limit_window_seconds + self.rate_limit_margin_seconds + SLOT_SLACK_SECONDS) / self.rate_limit_calls
 
 
 class SettingsError(RuntimeError):

@@ -1,28 +1,33 @@
 """The work-queue consumer: one Graph call per work item, within the shared rate lease.
 
 Nothing here waits out a limit: when there is no capacity, Graph throttles, or a dependency is
-down, the item goes back on the work queue with a visibility delay and this execution ends.
+down, the item is booked a later slot and goes back on the work queue hidden until then. The
+one wait is short and bounded (MAX_SLOT_WAIT_SECONDS): an item surfaces SCHEDULE_LEAD_SECONDS
+before its slot, because queue visibility has whole-second steps and polling adds its own delay,
+and sleeps the remainder so the call goes out on the slot.
 """
 from __future__ import annotations
 
 import logging
-import math
-import random
+import time
+from typing import Callable
 
 from pydantic import ValidationError
 
 from .decoding import decode
+from .dispatch import hold_until_slot, place_now
 from .errors import validation_details
 from .graph_client import GraphFailure, SendTiming
 from .intake import dead_letter_for
+from .lease import Lease, RateGate
 from .models import ErrorInfo, Outcome, ResultMessage, WorkItem, utcnow
 from .retry import backoff_seconds
 from .runtime import Runtime
 
 log = logging.getLogger(__name__)
 
-MAX_VISIBILITY_SECONDS = 7 * 24 * 3600 - 60
 ERROR_RESULT = "Error"  # our own result value: no provisioning outcome, see the dead-letter queue
+TOKEN_RETRY_SECONDS = 0.25
 
 
 def handle_work_message(text: str, rt: Runtime) -> None:
@@ -36,35 +41,49 @@ def handle_work_message(text: str, rt: Runtime) -> None:
     process(item, rt)
 
 
-def process(item: WorkItem, rt: Runtime) -> None:
+def process(item: WorkItem, rt: Runtime, sleep: Callable[[float], None] = time.sleep) -> None:
+    s = rt.settings
+    if item.notBefore is not None and item.notBefore - time.time() > s.max_slot_wait_seconds:
+        hold_until_slot(item, rt)
+        return
     try:
+        # Before the lease: a slow identity endpoint must never hold capacity.
         token = rt.graph.token()
     except GraphFailure as failure:
-        _defer(item, rt, backoff_seconds(item.deferrals + 1, rt.settings.retry_base_seconds,
-                                         rt.settings.retry_max_seconds), failure.code)
+        _defer(item, rt, backoff_seconds(item.deferrals + 1, s.retry_base_seconds, s.retry_max_seconds), failure.code)
         return
+    if item.notBefore is not None:
+        sleep(max(0.0, min(s.max_slot_wait_seconds, item.notBefore - time.time())))
     gate = rt.gate_for(item)
-    lease = gate.acquire()
+    lease = _acquire(gate, patience=s.max_slot_wait_seconds if item.notBefore is not None else 0, sleep=sleep)
     if lease is None:
-        _defer(item, rt, _capacity_wait(rt), "NoCapacity")
+        _defer(item, rt, 0, "NoCapacity")
         return
-    timing = SendTiming()
+    timing = SendTiming(on_sent=lambda sent_at: gate.on_sent(lease, sent_at))
     try:
         answer = rt.graph.provision_on_demand(item, token, timing)
     except GraphFailure as failure:
         if failure.status == 429:
-            gate.hold_back(lease, failure.retry_after or gate.window)
+            pause = failure.retry_after if failure.retry_after is not None else gate.window
+            gate.hold_back(lease, pause)
+            rt.schedule_for(item).book(0, earliest=time.time() + pause)  # later slots move back too
         else:
-            gate.release(lease, timing)
+            gate.finish(lease, timing)
         _after_failure(item.model_copy(update={"attempts": item.attempts + 1}), rt, failure)
         return
-    gate.release(lease, timing)
+    gate.finish(lease, timing)
     _emit(item.model_copy(update={"attempts": item.attempts + 1}), rt, decode(answer))
 
 
-def _capacity_wait(rt: Runtime) -> float:
-    s = rt.settings
-    return (s.rate_limit_window_seconds / s.rate_limit_calls) * random.uniform(1.0, 2.0)
+def _acquire(gate: RateGate, patience: float, sleep: Callable[[float], None]) -> Lease | None:
+    """A token now, or within `patience` seconds for an item that is on its slot: the token for
+    its slot may come back a few milliseconds after the slot when the previous call was late."""
+    deadline = time.monotonic() + min(patience, 1.0)
+    while True:
+        lease = gate.acquire()
+        if lease is not None or time.monotonic() >= deadline:
+            return lease
+        sleep(TOKEN_RETRY_SECONDS)
 
 
 def _after_failure(item: WorkItem, rt: Runtime, failure: GraphFailure) -> None:
@@ -72,7 +91,7 @@ def _after_failure(item: WorkItem, rt: Runtime, failure: GraphFailure) -> None:
     if failure.kind == "transient" and item.attempts < s.max_attempts:
         delay = failure.retry_after if failure.retry_after is not None else backoff_seconds(
             item.attempts, s.retry_base_seconds, s.retry_max_seconds)
-        log.warning("call %s failed (%s), retrying in %.0f s", item.call_id, failure.code, delay)
+        log.warning("call %s failed (%s), retrying in %.0f s or later", item.call_id, failure.code, delay)
         _defer(item, rt, delay, failure.code)
         return
     why = failure.message if failure.kind == "permanent" else f"gave up after {item.attempts} attempts: {failure.message}"
@@ -84,10 +103,9 @@ def _after_failure(item: WorkItem, rt: Runtime, failure: GraphFailure) -> None:
 
 
 def _defer(item: WorkItem, rt: Runtime, seconds: float, why: str) -> None:
-    delay = min(MAX_VISIBILITY_SECONDS, max(1, math.ceil(seconds)))
     again = item.model_copy(update={"deferrals": item.deferrals + 1})
-    rt.queues.send_json(rt.settings.work_queue, again, delay=delay)
-    log.info("call %s deferred %d s (%s)", item.call_id, delay, why)
+    place_now([again], rt, earliest=time.time() + seconds)
+    log.info("call %s deferred to slot %.1f (%s)", item.call_id, again.notBefore or 0, why)
 
 
 def _emit(item: WorkItem, rt: Runtime, outcome: Outcome) -> None:

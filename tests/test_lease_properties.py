@@ -21,6 +21,23 @@ def timing(started: float | None, sent: float | None) -> SendTiming:
     return t
 
 
+class SimTimer:
+    """threading.Timer on the simulated clock; join() before it fires releases early, which is
+    conservative (the token then reappears later than aimed for, never earlier)."""
+
+    def __init__(self, at, delay, fn, args):
+        self.fn, self.args, self.done = fn, args, False
+        at(delay, self.fire)
+
+    def fire(self):
+        if not self.done:
+            self.done = True
+            self.fn(*self.args)
+
+    def join(self):
+        self.fire()
+
+
 scenario = st.fixed_dictionaries({
     "seed": st.integers(0, 2**32 - 1),
     "instances": st.integers(1, 6),
@@ -39,13 +56,18 @@ def run(sc: dict) -> tuple[list[float], int]:
     rng = random.Random(sc["seed"])
     clock = Clock()
     queue = SimulatedQueue(clock, rng)
-    gates = [RateGate(queue, CALLS, WINDOW, MARGIN, CALL_TIMEOUT, clock=clock) for _ in range(sc["instances"])]
     events: list = []
     seq = itertools.count()
     arrivals: list[float] = []
 
     def at(t: float, action) -> None:
         heapq.heappush(events, (t, next(seq), action))
+
+    def timer(delay, fn, *args):
+        return SimTimer(lambda d, f: at(clock.now + d, f), delay, fn, args)
+
+    gates = [RateGate(queue, CALLS, WINDOW, MARGIN, CALL_TIMEOUT, clock=clock, start_timer=timer)
+             for _ in range(sc["instances"])]
 
     def attempt(caller: int) -> None:
         gate = gates[caller % len(gates)]
@@ -63,10 +85,12 @@ def run(sc: dict) -> tuple[list[float], int]:
             return
         if roll < sc["crash_rate"] + sc["unsent_rate"]:
             arrivals.pop()                       # it never reached Graph
-            at(sent + latency, lambda: (gate.release(lease, timing(None, None)), attempt(caller)))
+            at(sent + latency, lambda: (gate.finish(lease, timing(None, None)), attempt(caller)))
             return
         t = timing(sent, None if roll < sc["crash_rate"] + sc["unsent_rate"] + sc["unknown_rate"] else sent)
-        at(sent + latency, lambda: (gate.release(lease, t), at(clock.now + rng.uniform(0, 1), lambda: attempt(caller))))
+        if t.sent is not None:   # the body-written callback fires while the call is in flight
+            at(sent, lambda: gate.on_sent(lease, sent))
+        at(sent + latency, lambda: (gate.finish(lease, t), at(clock.now + rng.uniform(0, 1), lambda: attempt(caller))))
 
     for c in range(sc["callers"]):
         at(rng.uniform(0, 5), lambda c=c: attempt(c))

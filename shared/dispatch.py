@@ -1,0 +1,52 @@
+"""Putting work items on the work queue at their booked slots."""
+from __future__ import annotations
+
+import math
+import time
+from collections import defaultdict
+
+from .models import WorkItem
+from .runtime import Runtime
+
+MAX_VISIBILITY_SECONDS = 7 * 24 * 3600 - 60  # a queue message can hide for at most 7 days
+
+
+def place(items: list[WorkItem], rt: Runtime, *, earliest: float | None = None,
+          max_wait: float | None = None) -> list[str]:
+    """Book a slot for each item and send those not yet due with a visibility delay that ends
+    SCHEDULE_LEAD_SECONDS before their slot. Returns the JSON of the items due now: the caller
+    writes them through its queue output binding, which makes the Functions host (and devhost)
+    poll the work queue at once instead of at the next polling interval.
+
+    Raises schedule.TooLong, booking nothing, when a slot would be more than `max_wait` away."""
+    by_pool: dict[str, list[WorkItem]] = defaultdict(list)
+    for item in items:
+        by_pool[rt.pool_name(item)].append(item)
+    bookings = {pool: rt.schedule_for(group[0]).book(len(group), earliest, max_wait)
+                for pool, group in by_pool.items()}
+    due_now: list[str] = []
+    now = time.time()
+    lead = rt.settings.schedule_lead_seconds
+    for pool, group in by_pool.items():
+        for item, slot in zip(group, bookings[pool].slots):
+            item.notBefore = slot
+            text = item.model_dump_json(exclude_none=True)
+            delay = slot - now - lead
+            if delay < 1:
+                due_now.append(text)
+            else:
+                rt.queues.send_text(rt.settings.work_queue, text, delay=min(MAX_VISIBILITY_SECONDS, math.floor(delay)))
+    return due_now
+
+
+def place_now(items: list[WorkItem], rt: Runtime, *, earliest: float | None = None) -> None:
+    """Like place(), for callers without an output binding: due items are sent right away."""
+    for text in place(items, rt, earliest=earliest):
+        rt.queues.send_text(rt.settings.work_queue, text)
+
+
+def hold_until_slot(item: WorkItem, rt: Runtime) -> None:
+    """An item that surfaced well before its slot goes back under cover, keeping its booking."""
+    delay = (item.notBefore or 0) - time.time() - rt.settings.schedule_lead_seconds
+    rt.queues.send_text(rt.settings.work_queue, item.model_dump_json(exclude_none=True),
+                        delay=min(MAX_VISIBILITY_SECONDS, max(1, math.floor(delay))))
