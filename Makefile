@@ -2,6 +2,7 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+TOOLS := .venv-tools
 
 .PHONY: setup run test bench bench-full clean
 
@@ -12,6 +13,12 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
 	touch $@
 
+# checkov (tests/test_infra.py) pins packaging<24 while pytest needs >=24: it gets a venv of its own.
+$(TOOLS)/.installed: requirements-tools.txt
+	$(PYTHON) -m venv $(TOOLS)
+	$(TOOLS)/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-tools.txt
+	touch $@
+
 node_modules/.installed: package.json package-lock.json
 	npm ci --no-audit --no-fund --loglevel=error
 	touch $@
@@ -19,7 +26,7 @@ node_modules/.installed: package.json package-lock.json
 run: setup
 	$(PY) -m scripts.run_local
 
-test: setup
+test: setup $(TOOLS)/.installed
 	$(PY) -m pytest
 
 bench: setup
@@ -29,4 +36,4 @@ bench-full: setup
 	$(PY) -m scripts.bench --requests 300
 
 clean:
-	rm -rf $(VENV) node_modules .run .pytest_cache .hypothesis
+	rm -rf $(VENV) $(TOOLS) node_modules .run .pytest_cache .hypothesis

@@ -22,7 +22,7 @@ from devhost.functions import HTTP_TRIGGER, QUEUE_TRIGGER, TIMER_TRIGGER, Functi
 from devhost.host_config import HostConfig, load_host_config
 from devhost.http_server import HttpFrontend, function_route
 from devhost.invocation import Invoker
-from devhost.queue_listener import QueueListener
+from devhost.queue_listener import DEFAULT_MESSAGE_LEASE, QueueListener
 from devhost.settings import apply_settings, find_settings_file, read_settings_file
 from devhost.singleton import QueueLock, lock_queue_name
 from devhost.storage import QueueClients, QueueWatcher, StorageConfigError, resolve_connection_string
@@ -33,6 +33,13 @@ log = logging.getLogger("devhost")
 DEFAULT_PORT = 7071
 FUNCTION_KEY_SETTING = "DEVHOST_FUNCTION_KEY"
 HOST_ID_SETTING = "AzureFunctionsWebHost__hostid"
+
+
+def message_lease() -> float:
+    """How long a received message stays hidden while it runs (renewed at half-time). 10 minutes
+    as in the queue extension; crash tests shorten it with DEVHOST_MESSAGE_LEASE_SECONDS so that a
+    killed process's messages come back in seconds rather than minutes."""
+    return float(os.environ.get("DEVHOST_MESSAGE_LEASE_SECONDS") or DEFAULT_MESSAGE_LEASE)
 
 
 @dataclass
@@ -106,7 +113,8 @@ class Host:
             function_timeout=config.function_timeout, max_workers=Invoker.worker_count_from_env())
         for spec in self.functions:
             if spec.trigger.type == QUEUE_TRIGGER:
-                self._listeners.append(QueueListener(spec, self._clients, self._watcher, invoker, config.queues))
+                self._listeners.append(QueueListener(spec, self._clients, self._watcher, invoker, config.queues,
+                                                     message_lease=message_lease()))
             elif spec.trigger.type == TIMER_TRIGGER:
                 holder: list[TimerTrigger] = []
                 holder.append(TimerTrigger(spec, invoker, self._timer_lock(spec, holder)))

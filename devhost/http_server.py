@@ -161,6 +161,8 @@ class HttpFrontend:
 
         class Handler(_Handler):
             def handle_any(self) -> None:
+                # One handler serves every request of a keep-alive connection: forget the last body.
+                self._body = None
                 with frontend._invoker.activity.track():
                     try:
                         status, headers, body = frontend._dispatch(self)

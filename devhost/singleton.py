@@ -80,7 +80,7 @@ class QueueLock:
             self._clients.send(self._client, TOKEN, time_to_live=-1)
 
     def _renew_loop(self) -> None:
-        while not self._stop_renewing.wait(self._period / 3):
+        while not self._stop_renewing.wait(self._period / 2):
             with self._guard:
                 if self._message_id is None:
                     return

@@ -20,6 +20,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--port", type=int, default=7071, help="devhost HTTP port (default 7071)")
     parser.add_argument("--latency", default="0.2-1.0", help="simulated Graph latency range in seconds")
+    parser.add_argument("--sink", choices=["queue", "loganalytics", "both"], default=os.environ.get("RESULTS_SINK", "queue"),
+                        help="where results go (RESULTS_SINK); loganalytics/both start the Logs Ingestion simulator")
     args = parser.parse_args()
 
     data = ROOT / ".run" / "azurite"
@@ -31,10 +33,22 @@ def main() -> None:
         azurite = start_azurite(persistent=True, location=str(data))
     sims, sim_env = start_simulators_process(["--latency", args.latency])
     stack = Stack(azurite, sims, sim_env)
+    logs_sim, logs_env = None, {"RESULTS_SINK": args.sink}
+    if args.sink != "queue":
+        # In-process: the identity simulator is in another process, so this one checks token
+        # audience and lifetime but not the signature (see simulators/logs_ingestion.py).
+        from simulators.logs_ingestion import start_logs_ingestion
+
+        logs_sim = start_logs_ingestion()
+        logs_env.update(logs_sim.env())
     try:
-        stack.hosts.append(start_devhost(stack.app_env(**{k: v for k, v in os.environ.items()
-                                                          if k.startswith(("RATE_", "GRAPH_API", "RESULTS_"))}),
+        stack.hosts.append(start_devhost(stack.app_env(**{**{k: v for k, v in os.environ.items()
+                                                             if k.startswith(("RATE_", "GRAPH_API", "RESULTS_"))},
+                                                          **logs_env}),
                                          port=args.port))
+        if logs_sim is not None:
+            print(f"  Logs Ingestion sim    {logs_sim.endpoint}  (RESULTS_SINK={args.sink}; rows it accepted: "
+                  f"curl -s --cacert {logs_sim.cert_file} {logs_sim.endpoint}/_sim/rows)", flush=True)
         print(f"""
 Everything runs on loopback:
   Azurite (queues)      {azurite.queue_endpoint}
@@ -61,6 +75,8 @@ Ctrl-C stops everything.""", flush=True)
         print("\nstopping...")
     finally:
         stack.stop()
+        if logs_sim is not None:
+            logs_sim.stop()
 
 
 if __name__ == "__main__":

@@ -26,17 +26,25 @@ def place(items: list[WorkItem], rt: Runtime, *, earliest: float | None = None,
                 for pool, group in by_pool.items()}
     due_now: list[str] = []
     now = time.time()
-    lead = rt.settings.schedule_lead_seconds
     for pool, group in by_pool.items():
         for item, slot in zip(group, bookings[pool].slots):
             item.notBefore = slot
             text = item.model_dump_json(exclude_none=True)
-            delay = slot - now - lead
+            delay = surface_at(slot, rt) - now
             if delay < 1:
                 due_now.append(text)
             else:
                 rt.queues.send_text(rt.settings.work_queue, text, delay=min(MAX_VISIBILITY_SECONDS, math.floor(delay)))
     return due_now
+
+
+def surface_at(slot: float, rt: Runtime) -> float:
+    """When an item booked for `slot` should become visible. Items surface SCHEDULE_BATCH at a time
+    on a shared grid: every poll that finds one finds its batch-mates too, which divides the empty
+    polls that follow each find (the host backs off from 100 ms after every hit)."""
+    s = rt.settings
+    cell = s.schedule_batch * s.slot_spacing
+    return math.floor(slot / cell) * cell - s.schedule_lead_seconds
 
 
 def place_now(items: list[WorkItem], rt: Runtime, *, earliest: float | None = None) -> None:
@@ -47,6 +55,6 @@ def place_now(items: list[WorkItem], rt: Runtime, *, earliest: float | None = No
 
 def hold_until_slot(item: WorkItem, rt: Runtime) -> None:
     """An item that surfaced well before its slot goes back under cover, keeping its booking."""
-    delay = (item.notBefore or 0) - time.time() - rt.settings.schedule_lead_seconds
+    delay = surface_at(item.notBefore or 0, rt) - time.time()
     rt.queues.send_text(rt.settings.work_queue, item.model_dump_json(exclude_none=True),
                         delay=min(MAX_VISIBILITY_SECONDS, max(1, math.floor(delay))))

@@ -6,9 +6,12 @@ visibility so that it reappears no earlier than `window + margin` after the call
 token can start more than one call per window, and there are only N tokens: at most N calls in
 any window, whichever instance makes them. A crashed caller's token reappears when its hold ends.
 
-Seeding and repair mint a whole new *epoch*: the queue metadata names the one valid epoch, tokens
-of any other epoch are deleted on sight, and new tokens first become visible `window + margin`
-after minting, so calls made with old tokens have left the window before new tokens can be used.
+Seeding and repair mint a whole new *epoch*: the queue metadata names the one valid epoch and
+tokens of any other epoch are deleted on sight. Reading the metadata on every take would cost a
+storage transaction per call, so each process trusts what it read for `epoch_ttl` seconds
+(counted from before the read). New tokens therefore first become visible
+`window + margin + epoch_ttl` after minting: by then no process can still be using an old epoch,
+and the old epoch's last call has left the window.
 """
 from __future__ import annotations
 
@@ -121,7 +124,8 @@ def pool_queue_name(base: str, scope: str, service_principal_id: str, job_id: st
 
 class RateGate:
     def __init__(self, store: TokenStore, calls: int, window: float, margin: float, call_timeout: float,
-                 clock: Callable[[], float] = time.monotonic, start_timer: Callable[..., Timer] | None = None):
+                 clock: Callable[[], float] = time.monotonic, start_timer: Callable[..., Timer] | None = None,
+                 epoch_ttl: float | None = None):
         self.store = store
         self._start_timer = start_timer or _thread_timer
         self.calls = calls
@@ -130,28 +134,30 @@ class RateGate:
         self.clock = clock
         # Long enough that a caller who dies mid-call cannot have its token reused within the window.
         self.hold_seconds = math.ceil(call_timeout + window + 2 * margin) + 1
+        self.epoch_ttl = 3 * window if epoch_ttl is None else epoch_ttl
         self._epoch: str | None = None
+        self._epoch_read_at = -math.inf
         self._last_repair_check = -math.inf
 
     # -- pool upkeep -------------------------------------------------------------------------
     def ensure_pool(self) -> str:
         """Seed the pool if it has no epoch or has lost tokens; safe when many instances race."""
+        read_at = self.clock()
         metadata, count = self.store.properties()
         epoch = metadata.get("epoch")
-        self._last_repair_check = self.clock()
+        self._last_repair_check = read_at
         if epoch and count >= self.calls:
-            self._epoch = epoch
+            self._epoch, self._epoch_read_at = epoch, read_at
             return epoch
         return self._mint(reason="no pool yet" if not epoch else f"only {count} of {self.calls} tokens left")
 
     def _mint(self, reason: str) -> str:
         epoch = uuid.uuid4().hex
         self.store.set_metadata({"epoch": epoch, "calls": str(self.calls), "window": str(self.window)})
-        first_visible = math.ceil(self.window + self.margin)
+        first_visible = math.ceil(self.window + self.margin + self.epoch_ttl)
         for n in range(self.calls):
             self.store.send(json.dumps({"epoch": epoch, "n": n}), first_visible)
         log.info("lease pool minted epoch %s with %d tokens (%s)", epoch, self.calls, reason)
-        self._epoch = epoch
         return epoch
 
     # -- taking and giving back --------------------------------------------------------------
@@ -162,20 +168,25 @@ class RateGate:
         for _ in range(self.calls + 1):
             tokens = self.store.receive(self.hold_seconds)
             if not tokens:
-                if self.clock() - self._last_repair_check > self.window:
+                if self.clock() - self._last_repair_check > max(self.window, self.epoch_ttl):
                     self.ensure_pool()
                 return None
             token = tokens[0]
-            # The metadata is read after the token is ours, so an epoch change that happened
-            # before this moment is always seen (see the module docstring for why that suffices).
-            metadata, _ = self.store.properties()
-            current = metadata.get("epoch")
-            self._epoch = current
-            if current and _epoch_of(token.content) == current:
+            if _epoch_of(token.content) == self._current_epoch(refresh=False):
+                return Lease(token, self.clock())
+            # A mismatch may mean our view is stale rather than the token: look again first.
+            if _epoch_of(token.content) == self._current_epoch(refresh=True):
                 return Lease(token, self.clock())
             self.store.delete(token)
             log.info("deleted lease token %s of a stale epoch", token.id)
         return None
+
+    def _current_epoch(self, refresh: bool) -> str | None:
+        if refresh or self.clock() - self._epoch_read_at >= self.epoch_ttl:
+            read_at = self.clock()
+            metadata, _ = self.store.properties()
+            self._epoch, self._epoch_read_at = metadata.get("epoch"), read_at
+        return self._epoch
 
     def visible_in(self, sent_at: float | None) -> int:
         """Whole seconds until the token may reappear: window + margin after the call was sent,

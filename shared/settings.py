@@ -78,8 +78,9 @@ class Settings(BaseSettings):
     rate_limit_window_seconds: int = Field(10, alias="RATE_LIMIT_WINDOW_SECONDS", ge=1, le=3600)
     rate_limit_margin_seconds: float = Field(0.5, alias="RATE_LIMIT_MARGIN_SECONDS", ge=0, le=60)
     rate_limit_scope: RateLimitScope = Field(RateLimitScope.TENANT, alias="RATE_LIMIT_SCOPE")
-    schedule_lead_seconds: float = Field(2.0, alias="SCHEDULE_LEAD_SECONDS", ge=0, le=30)
-    max_slot_wait_seconds: float = Field(4.0, alias="MAX_SLOT_WAIT_SECONDS", ge=0, le=30)
+    schedule_lead_seconds: float = Field(3.0, alias="SCHEDULE_LEAD_SECONDS", ge=0, le=30)
+    schedule_batch: int = Field(2, alias="SCHEDULE_BATCH", ge=1, le=16)
+    max_slot_wait_seconds: float = Field(7.0, alias="MAX_SLOT_WAIT_SECONDS", ge=0, le=60)
 
     max_attempts: int = Field(10, alias="MAX_ATTEMPTS", ge=1, le=100)
     retry_base_seconds: float = Field(5.0, alias="RETRY_BASE_SECONDS", gt=0)

@@ -389,6 +389,12 @@ class TestHttp:
         posted = httpx.post(main_host.url("/api/items/7"), content=b"payload")
         assert posted.json()["route_params"] == {"id": "7"} and posted.json()["body"] == "payload"
 
+    def test_each_request_on_a_keep_alive_connection_gets_its_own_body(self, main_host: DevHost) -> None:
+        with httpx.Client() as client:   # one connection, reused
+            bodies = [client.post(main_host.url("/api/items/7"), content=f"payload-{i}".encode()).json()["body"]
+                      for i in range(4)]
+        assert bodies == ["payload-0", "payload-1", "payload-2", "payload-3"]
+
     def test_404_405_and_literal_routes(self, main_host: DevHost) -> None:
         assert httpx.get(main_host.url("/api/items/special")).text == "special"
         not_allowed = httpx.delete(main_host.url("/api/items/7"))
