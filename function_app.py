@@ -3,12 +3,12 @@ from typing import List
 
 import azure.functions as func
 
-from shared import handlers, log_analytics
+from shared import handlers, log_analytics, preflight
 from shared.runtime import runtime
 from shared.settings import get_settings
 
 # Fail at start-up, with a message naming the setting, rather than on the first event.
-get_settings()
+settings = get_settings()
 
 app = func.FunctionApp(http_auth_level=func.AuthLevel.FUNCTION)
 JSON = "application/json"
@@ -42,9 +42,11 @@ def provision_worker(msg: func.QueueMessage) -> None:
 
 
 # Rows for Log Analytics (RESULTS_SINK=loganalytics|both); failures go back on the queue, never raise.
-@app.queue_trigger(arg_name="msg", queue_name="%LOGS_QUEUE%", connection="AzureWebJobsStorage")
-def log_analytics_upload(msg: func.QueueMessage) -> None:
-    log_analytics.upload_message(msg.get_body(), runtime())
+# Registered only when used, so that no instance polls an unused queue.
+if settings.logs_enabled:
+    @app.queue_trigger(arg_name="msg", queue_name="%LOGS_QUEUE%", connection="AzureWebJobsStorage")
+    def log_analytics_upload(msg: func.QueueMessage) -> None:
+        log_analytics.upload_message(msg.get_body(), runtime())
 
 
 @app.timer_trigger(arg_name="timer", schedule="*/30 * * * * *", run_on_startup=True)
@@ -52,6 +54,14 @@ def lease_upkeep(timer: func.TimerRequest) -> None:
     handlers.lease_upkeep(runtime())
 
 
+# Anonymous, so it says nothing about the configuration; ?deep=true is pointed at health/deep.
 @app.route(route="health", methods=["GET"], auth_level=func.AuthLevel.ANONYMOUS)
 def health(req: func.HttpRequest) -> func.HttpResponse:
-    return _reply(handlers.HttpReply(200, {"status": "ok"}))
+    return _reply(preflight.health_reply(req.params))
+
+
+# The preflight report names roles, job and queues: auth level is per function, hence its own route.
+@app.route(route="health/deep", methods=["GET"], auth_level=func.AuthLevel.FUNCTION)
+def health_deep(req: func.HttpRequest) -> func.HttpResponse:
+    rt = runtime()
+    return _reply(preflight.deep_health_reply(rt.settings, rt.graph, rt.queues.service))

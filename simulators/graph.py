@@ -14,7 +14,12 @@ Order of handling for each arrival (arrival time = when the request line arrived
 Admin endpoints (JSON; not recorded, not rate limited):
   GET /_sim/calls, DELETE /_sim/calls (log and rate window), GET /_sim/stats,
   GET /_sim/max_in_window?window=10[&counted_only=1],
-  GET/POST/DELETE /_sim/script, GET/POST /_sim/config.
+  GET/POST/DELETE /_sim/script, GET/POST /_sim/config,
+  GET/POST/DELETE /_sim/jobs (per-job status for GET .../jobs/{jobId}; see `set_job`).
+
+`GET /{version}/servicePrincipals/{id}/synchronization/jobs/{jobId}` answers a synchronizationJob
+(status Active unless set otherwise). It is recorded but neither scripted nor rate limited: the
+provisionOnDemand limit is the one being simulated.
 """
 from __future__ import annotations
 
@@ -43,11 +48,14 @@ WWW_AUTHENTICATE = ('Bearer realm="", authorization_uri="https://login.microsoft
                     'client_id="00000003-0000-0000-c000-000000000000"')
 
 # Routes: (method, template segments, handler name). "{name}" segments capture the decoded segment.
-# Room for later: GET jobs/{jobId}, GET jobs/{jobId}/schema, POST jobs/{jobId}/start.
+# Room for later: GET jobs/{jobId}/schema, POST jobs/{jobId}/start.
 _JOB = ("{version}", "servicePrincipals", "{servicePrincipalId}", "synchronization", "jobs", "{jobId}")
 ROUTES: list[tuple[str, tuple[str, ...], str]] = [
     ("POST", _JOB + ("provisionOnDemand",), "provision_on_demand"),
+    ("GET", _JOB, "get_job"),
 ]
+JOB_READ_ROLES = REQUIRED_ROLES | {"Synchronization.Read.All"}
+JOB_STATUS_CODES = ("NotConfigured", "NotRun", "Active", "Paused", "Quarantine")
 
 _STATUS_CODES = {
     400: "BadRequest", 401: "InvalidAuthenticationToken", 403: "Authorization_RequestDenied",
@@ -205,6 +213,7 @@ class GraphSimulator(SimServer):
         self._log: list[dict[str, Any]] = []
         self._seq = itertools.count(1)
         self._script: dict[str, deque[dict[str, Any]]] = {}
+        self._jobs: dict[tuple[str, str], dict[str, Any]] = {}
         self.throttled = 0  # 429s answered by the rate limiter (scripted 429s not included)
 
     # --- properties ----------------------------------------------------------------------------
@@ -299,6 +308,70 @@ class GraphSimulator(SimServer):
                     return self._script[key].popleft()
         return None
 
+    # --- synchronization jobs ------------------------------------------------------------------
+    def set_job(self, service_principal_id: str, job_id: str, *, code: str = "Active",
+                quarantine: Mapping[str, Any] | None = None, template_id: str | None = None,
+                schedule: Mapping[str, Any] | None = None, http_status: int | None = None) -> dict[str, Any]:
+        """Make GET .../jobs/{job_id} answer this status (code Active, Paused, Quarantine, ...).
+
+        A Quarantine without `quarantine` details gets typical ones; `http_status` (e.g. 404, 503)
+        makes the GET fail with a Graph error instead. A job set here exists even when `known_jobs`
+        does not list it. Returns the synchronizationJob the GET will answer."""
+        if code not in JOB_STATUS_CODES:
+            raise ValueError(f"code must be one of {JOB_STATUS_CODES}, got {code!r}")
+        with self._lock:
+            self._jobs[(service_principal_id, job_id)] = {
+                "code": code, "quarantine": copy.deepcopy(dict(quarantine)) if quarantine else None,
+                "templateId": template_id, "schedule": copy.deepcopy(dict(schedule)) if schedule else None,
+                "http_status": http_status,
+            }
+        return self.job(service_principal_id, job_id)
+
+    def clear_jobs(self) -> None:
+        with self._lock:
+            self._jobs.clear()
+
+    def configured_jobs(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [{"servicePrincipalId": sp, "jobId": job, **copy.deepcopy(cfg)}
+                    for (sp, job), cfg in self._jobs.items()]
+
+    def job(self, service_principal_id: str, job_id: str) -> dict[str, Any]:
+        """The synchronizationJob resource as Graph shapes it."""
+        with self._lock:
+            cfg = copy.deepcopy(self._jobs.get((service_principal_id, job_id)) or {})
+        code = cfg.get("code") or "Active"
+        quarantine = cfg.get("quarantine")
+        now = time.time()
+        if code == "Quarantine" and quarantine is None:
+            quarantine = {
+                "currentBegan": _iso(now - 3600), "nextAttempt": _iso(now + 23 * 3600),
+                "reason": "EncounteredQuarantineException", "seriesBegan": _iso(now - 3600), "seriesCount": 1,
+                "error": {"code": "SystemForCrossDomainIdentityManagementCredentialsInvalid",
+                          "message": "The credentials to the target system were rejected.",
+                          "tenantActionable": True},
+            }
+        schedule = cfg.get("schedule") or {"expiration": None, "interval": "PT40M",
+                                           "state": "Disabled" if code == "Paused" else "Active"}
+        return {
+            "id": job_id,
+            "templateId": cfg.get("templateId") or "scim",
+            "schedule": schedule,
+            "status": {
+                "code": code, "countSuccessiveCompleteFailures": 0, "escrowsPruned": False,
+                "lastExecution": None, "lastSuccessfulExecution": None, "lastSuccessfulExecutionWithExports": None,
+                "progress": [], "quarantine": quarantine,
+                "steadyStateFirstAchievedTime": "0001-01-01T00:00:00Z",
+                "steadyStateLastAchievedTime": "0001-01-01T00:00:00Z",
+                "synchronizedEntryCountByType": [], "troubleshootingUrl": None,
+            },
+            "synchronizationJobSettings": [],
+        }
+
+    def _job_config(self, service_principal_id: str, job_id: str) -> dict[str, Any] | None:
+        with self._lock:
+            return copy.deepcopy(self._jobs.get((service_principal_id, job_id)))
+
     # --- call log ------------------------------------------------------------------------------
     def calls(self) -> list[dict[str, Any]]:
         with self._lock:
@@ -352,6 +425,10 @@ class GraphSimulator(SimServer):
                 if record is not None:
                     record["latency"] = delay  # what the benchmark subtracts from end-to-end latency
             time.sleep(delay)
+
+
+def _iso(epoch: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
 
 
 def _redact_headers(headers: Any) -> dict[str, str]:
@@ -432,6 +509,19 @@ class _GraphHandler(SimHandler):
                 if not isinstance(body, dict):
                     raise ValueError("JSON object expected")
                 self.send_json(200, sim.configure(**body))
+            elif path == "/_sim/jobs" and method == "GET":
+                self.send_json(200, sim.configured_jobs())
+            elif path == "/_sim/jobs" and method == "DELETE":
+                sim.clear_jobs()
+                self.send_json(200, sim.configured_jobs())
+            elif path == "/_sim/jobs" and method == "POST":
+                # {"servicePrincipalId", "jobId", "code", "quarantine"?, "templateId"?, "schedule"?, "httpStatus"?}
+                if not isinstance(body, dict):
+                    raise ValueError("JSON object expected")
+                self.send_json(200, sim.set_job(
+                    body["servicePrincipalId"], body["jobId"], code=body.get("code", "Active"),
+                    quarantine=body.get("quarantine"), template_id=body.get("templateId"),
+                    schedule=body.get("schedule"), http_status=body.get("httpStatus")))
             else:
                 self.send_json(404, {"error": f"No admin route {method} {path}"})
         except (KeyError, TypeError, ValueError) as exc:
@@ -523,6 +613,10 @@ class _GraphHandler(SimHandler):
             "roles": seen.get("roles"), "exp": seen.get("exp"),
         })
 
+        if route == "get_job":
+            self._get_job(record, params, claims, auth_error, base_headers, error)
+            return
+
         # 3. Fault script.
         answer = sim._pop_script(record["objectId"])
         if answer is not None:
@@ -578,6 +672,33 @@ class _GraphHandler(SimHandler):
         # 8. Success.
         sim._sleep_latency(record)
         self._success(record, params, body, base_headers, claims)
+
+    def _get_job(self, record: dict[str, Any], params: dict[str, str], claims: Mapping[str, Any] | None,
+                 auth_error: str | None, base_headers: dict[str, str], error: Any) -> None:
+        sim = self.server
+        sp, job_id = params["servicePrincipalId"], params["jobId"]
+        if claims is None:
+            error(401, "InvalidAuthenticationToken", auth_error or "Access token validation failure.",
+                  {"WWW-Authenticate": WWW_AUTHENTICATE})
+            return
+        roles = claims.get("roles") or []
+        if not JOB_READ_ROLES.intersection(roles if isinstance(roles, list) else []):
+            error(403, "Authorization_RequestDenied", "Insufficient privileges to complete the operation.")
+            return
+        cfg = sim._job_config(sp, job_id)
+        if cfg is None and sim.known_jobs is not None and (sp, job_id) not in sim.known_jobs:
+            error(404, "Request_ResourceNotFound", f"Resource '{sp}' or job '{job_id}' does not exist.")
+            return
+        if cfg is not None and cfg.get("http_status"):
+            status = int(cfg["http_status"])
+            error(status, _STATUS_CODES.get(status, "UnknownError"), f"Configured {status} answer for this job.")
+            return
+        aud = claims.get("aud")
+        root = aud if isinstance(aud, str) and aud.startswith("https://") else "https://graph.microsoft.com"
+        payload = {"@odata.context": f"{root}/{params['version']}/$metadata#servicePrincipals('{sp}')"
+                                     "/synchronization/jobs/$entity", **sim.job(sp, job_id)}
+        sim._update(record, status=200)
+        self.send_json(200, payload, headers=base_headers)
 
     def _match(self, segments: list[str]) -> tuple[str | None, dict[str, str], bool]:
         """(route name or None, captured params, whether the path matched some route for another method)."""
