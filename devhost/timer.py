@@ -26,7 +26,7 @@ from devhost.singleton import QueueLock
 log = logging.getLogger("devhost.timer")
 
 PAST_DUE_TOLERANCE = timedelta(seconds=1)
-LOCK_RETRY_SECONDS = 15.0
+LOCK_RETRY_SECONDS = 30.0
 
 
 class Schedule(Protocol):

@@ -6,6 +6,7 @@ import json
 import os
 import time
 
+from azure.core.exceptions import ResourceNotFoundError
 from azure.storage.queue import QueueClient
 
 
@@ -21,7 +22,10 @@ def main() -> None:
     queue = QueueClient.from_connection_string(args.connection, args.queue)
     deadline = time.monotonic() + args.wait
     while True:
-        messages = list(queue.peek_messages(max_messages=32))
+        try:
+            messages = list(queue.peek_messages(max_messages=32))
+        except ResourceNotFoundError:  # created with the first result
+            messages = []
         if messages or time.monotonic() > deadline:
             break
         time.sleep(0.5)

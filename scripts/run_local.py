@@ -7,6 +7,9 @@ import signal
 import socket
 import time
 
+from azure.core.exceptions import ResourceNotFoundError
+from azure.storage.queue import QueueClient
+
 from devhost.azurite import Azurite, ROOT, start_azurite
 from scripts.local_stack import Stack, start_devhost, start_simulators_process
 
@@ -16,6 +19,24 @@ def _port_free(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) != 0
 
 
+def wait_for_rate_lease(connection: str, queue: str = "provision-leases", timeout: float = 120) -> None:
+    """A new token pool's tokens only become usable a window plus the epoch cache time after they
+    are minted (shared/lease.py); say so instead of letting the first event wait in silence."""
+    leases = QueueClient.from_connection_string(connection, queue)
+    started = time.monotonic()
+    told = False
+    while time.monotonic() - started < timeout:
+        try:
+            if list(leases.peek_messages(max_messages=1)):
+                return
+        except ResourceNotFoundError:
+            pass
+        if not told:
+            print("Waiting for the rate lease's first tokens (about 40 s on a first start)...", flush=True)
+            told = True
+        time.sleep(1)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--port", type=int, default=7071, help="devhost HTTP port (default 7071)")
@@ -23,6 +44,9 @@ def main() -> None:
     parser.add_argument("--sink", choices=["queue", "loganalytics", "both"], default=os.environ.get("RESULTS_SINK", "queue"),
                         help="where results go (RESULTS_SINK); loganalytics/both start the Logs Ingestion simulator")
     args = parser.parse_args()
+    # Explicit handlers: a shell that starts us in the background leaves SIGINT ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
 
     data = ROOT / ".run" / "azurite"
     data.mkdir(parents=True, exist_ok=True)
@@ -46,6 +70,7 @@ def main() -> None:
                                                              if k.startswith(("RATE_", "GRAPH_API", "RESULTS_"))},
                                                           **logs_env}),
                                          port=args.port))
+        wait_for_rate_lease(azurite.connection_string)
         if logs_sim is not None:
             print(f"  Logs Ingestion sim    {logs_sim.endpoint}  (RESULTS_SINK={args.sink}; rows it accepted: "
                   f"curl -s --cacert {logs_sim.cert_file} {logs_sim.endpoint}/_sim/rows)", flush=True)
@@ -56,7 +81,6 @@ Everything runs on loopback:
   Managed identity      {sim_env['IDENTITY_ENDPOINT']}
   Function app          http://127.0.0.1:{args.port}/api/provision   (log: {stack.hosts[0].log_path})
 
-The rate lease needs about 11 s after a first start before its tokens are usable.
 Send a first event (the API page's example user):
 
   curl -s -X POST http://127.0.0.1:{args.port}/api/provision -H 'Content-Type: application/json' \\
@@ -67,7 +91,6 @@ Then read the decoded result from the provision-results queue:
   .venv/bin/python -m scripts.results --connection '{azurite.connection_string}'
 
 Ctrl-C stops everything.""", flush=True)
-        signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
         while all(h.process.poll() is None for h in stack.hosts):
             time.sleep(0.5)
         print("devhost stopped; see its log")

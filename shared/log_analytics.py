@@ -209,8 +209,12 @@ class IngestionUploader:
             retry_total=0, connection_timeout=timeout, read_timeout=timeout, **client_kwargs)
 
     def upload(self, rows: list[dict[str, Any]]) -> None:
+        refused: list = []
         try:
-            self._client.upload(self._rule_id, self._stream, rows)
+            # on_error keeps the SDK from logging its own error line for a failure we log anyway.
+            self._client.upload(self._rule_id, self._stream, rows, on_error=refused.append)
+            if refused:
+                raise refused[0].error
         except ClientAuthenticationError as exc:
             if exc.status_code == 401:
                 raise _service_error(exc) from None
@@ -294,7 +298,6 @@ def upload_rows(rows: list[dict[str, Any]], uploader: Uploader,
 @dataclass
 class _Pending:
     envelope: LogsEnvelope
-    text: str
     message: QueueMessage | None  # None: the trigger's own message, which the host deletes
 
 
@@ -366,13 +369,13 @@ def upload_message(raw: bytes | str, rt, uploader: Uploader | None = None) -> No
     pending: list[_Pending] = []
     first = _parse(text, rt)
     if first is not None:
-        pending.append(_Pending(first, text, None))
+        pending.append(_Pending(first, None))
     for message in _receive_more(queue, s.logs_batch_size - 1):
         envelope = _parse(message.content, rt)
         if envelope is None:
             _delete(queue, message)
         else:
-            pending.append(_Pending(envelope, message.content, message))
+            pending.append(_Pending(envelope, message))
     if not pending:
         return
 
