@@ -30,6 +30,7 @@ class ScheduleStore(Protocol):
     def update_content(self, token: RawToken, content: str, visible_in: int) -> None: ...
     def delete(self, token: RawToken) -> None: ...
     def send(self, content: str, visible_in: int) -> None: ...
+    def is_empty(self) -> bool: ...
 
 
 @dataclass
@@ -86,8 +87,8 @@ class Schedule:
         return Booking([now] * count, now)
 
     def _create_if_missing(self) -> bool:
-        peeked = getattr(self.store, "is_empty", None)
-        if peeked is not None and not peeked():
+        # The count includes hidden messages, so "empty" means no timeline at all, not a busy one.
+        if not self.store.is_empty():
             return False
         self.store.send(json.dumps({"horizon": 0.0}), 0)
         return True
