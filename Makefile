@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 TOOLS := .venv-tools
 
-.PHONY: setup run test bench bench-full clean
+.PHONY: setup run test bench bench-full reliability clean
 
 setup: $(VENV)/.installed node_modules/.installed
 
@@ -34,6 +34,10 @@ bench: setup
 
 bench-full: setup
 	$(PY) -m scripts.bench --requests 300
+
+# The long fault-injection runs behind RELIABILITY.md (make test runs shortened versions).
+reliability: setup
+	RELIABILITY_REQUESTS=100 RELIABILITY_KILLS=20 $(PY) -m pytest -s -q tests/test_scale_out.py::test_i2_sigkilled_hosts_lose_nothing_and_never_break_the_limit tests/test_faults.py
 
 clean:
 	rm -rf $(VENV) $(TOOLS) node_modules .run .pytest_cache .hypothesis

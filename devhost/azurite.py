@@ -74,6 +74,7 @@ class Azurite:
         ]
         # Azurite refuses --location together with --inMemoryPersistence.
         args += ["--location", self.location] if self.persistent else ["--inMemoryPersistence"]
+        os.makedirs(self.location, exist_ok=True)
         self._log = open(os.path.join(self.location, "azurite.log"), "ab")
         self.process = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT,
                                         start_new_session=True)

@@ -10,6 +10,7 @@ Windows are shrunk to 5 calls per 2 s."""
 from __future__ import annotations
 
 import json
+import os
 import random
 import signal
 import time
@@ -142,24 +143,31 @@ def test_i3_a_429_defers_the_call_and_holds_the_whole_pool_back(cluster, form):
     assert cluster.sims.graph.max_in_window(WINDOW) <= CALLS
 
 
+# `make reliability` runs this with 100 requests and 20 kills; make test with a short version.
+REQUESTS = int(os.environ.get("RELIABILITY_REQUESTS", "30"))
+KILLS = int(os.environ.get("RELIABILITY_KILLS", "4"))
+
+
 def test_i2_sigkilled_hosts_lose_nothing_and_never_break_the_limit(azurite, tmp_path):
     c = Cluster(azurite, tmp_path, hosts=3)
     try:
         c.warm_up()
-        ids = c.request_ids([{"objectId": user(i), "objectTypeName": "User"} for i in range(30)])
+        ids = c.request_ids([{"objectId": user(i), "objectTypeName": "User"} for i in range(REQUESTS)])
         rng = random.Random(7)
-        for _ in range(4):
+        for _ in range(KILLS):
             time.sleep(rng.uniform(1.0, 3.0))
             victim = rng.choice(c.hosts)
             victim.stop(sig=signal.SIGKILL)
             c.hosts.remove(victim)
             c.hosts.append(start_devhost(c.env, log_dir=tmp_path))
-        found = c.wait_all(ids, timeout=180)
+        found = c.wait_all(ids, timeout=180 + 3 * REQUESTS)
         assert set(found) == set(ids)
         assert c.sims.graph.max_in_window(WINDOW) <= CALLS
         duplicates = sum(len(r) - 1 for r in found.values())
+        print(f"\nI2: {len(ids)} requests, {KILLS} SIGKILLs, {len(ids)} completed, {duplicates} duplicate result(s), "
+              f"max {c.sims.graph.max_in_window(WINDOW)} calls in any {WINDOW:g} s window")
         # At-least-once: a host killed after its call but before deleting the message repeats it.
-        assert duplicates <= 4 * 3
+        assert duplicates <= KILLS * 3
     finally:
         c.stop()
 
