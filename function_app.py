@@ -1,9 +1,11 @@
 """Azure Functions bindings only: each function hands off to shared/, which knows nothing of the host."""
+import json
+import re
 from typing import List
 
 import azure.functions as func
 
-from shared import handlers, log_analytics, preflight
+from shared import handlers, log_analytics, openapi, preflight
 from shared.runtime import runtime
 from shared.settings import get_settings
 
@@ -22,7 +24,7 @@ def _reply(reply: handlers.HttpReply) -> func.HttpResponse:
 @app.route(route="provision", methods=["POST"])
 @app.queue_output(arg_name="work", queue_name="%WORK_QUEUE%", connection="AzureWebJobsStorage")
 def provision(req: func.HttpRequest, work: func.Out[List[str]]) -> func.HttpResponse:
-    reply = handlers.provision_http(req.get_body(), dict(req.headers), runtime())
+    reply = handlers.provision_http(req.get_body(), dict(req.headers), runtime(), params=dict(req.params))
     if reply.work:
         work.set(reply.work)
     return _reply(reply)
@@ -52,6 +54,15 @@ if settings.logs_enabled:
 @app.timer_trigger(arg_name="timer", schedule="*/30 * * * * *", run_on_startup=True)
 def lease_upkeep(timer: func.TimerRequest) -> None:
     handlers.lease_upkeep(runtime())
+
+
+# Anonymous: the API's shape is no secret, and Logic Apps custom connectors import it from here.
+@app.route(route="openapi.json", methods=["GET"], auth_level=func.AuthLevel.ANONYMOUS)
+def openapi_description(req: func.HttpRequest) -> func.HttpResponse:
+    origin = req.url.split("/api/", 1)[0]
+    # The Host header is the caller's: reflect it only when it is a plain host[:port].
+    origin = origin if re.fullmatch(r"https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?", origin) else None
+    return func.HttpResponse(json.dumps(openapi.build_spec(settings, origin)), mimetype=JSON)
 
 
 # Anonymous, so it says nothing about the configuration; ?deep=true is pointed at health/deep.

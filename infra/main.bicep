@@ -61,9 +61,27 @@ param retryBaseSeconds string = ''
 param retryMaxSeconds string = ''
 param maxExpectedWaitHours string = ''
 param maxBodyBytes string = ''
+param webhookSignatureHeader string = ''
+param webhookTimestampHeader string = ''
+param webhookToleranceSeconds string = ''
+param redactPii string = ''
+
+// Secrets: @secure() keeps them out of deployment history and logs. Empty = feature off. azd takes
+// them from its environment (`azd env set WEBHOOK_HMAC_SECRET ...`, see main.parameters.json), so a
+// redeploy keeps them; a Key Vault reference (@Microsoft.KeyVault(SecretUri=...)) works as well.
+@secure()
+param webhookHmacSecret string = ''
+@secure()
+param redactPiiSalt string = ''
 param logsMaxAttempts string = ''
 param logsBatchSize string = ''
 param logsTimeoutSeconds string = ''
+param ruleCacheSeconds string = ''
+param autoStartCooldownSeconds string = ''
+
+@description('Start a quarantined job (never a paused one) when a call finds it so, at most once per cooldown.')
+@allowed(['true', 'false'])
+param autoStartQuarantinedJob string = 'false'
 
 @allowed(['3.11', '3.12'])
 param pythonVersion string = '3.11'
@@ -203,6 +221,17 @@ var appSettings = {
   RETRY_MAX_SECONDS: retryMaxSeconds
   MAX_EXPECTED_WAIT_HOURS: maxExpectedWaitHours
   MAX_BODY_BYTES: maxBodyBytes
+
+  RULE_CACHE_SECONDS: ruleCacheSeconds
+  AUTO_START_QUARANTINED_JOB: autoStartQuarantinedJob
+  AUTO_START_COOLDOWN_SECONDS: autoStartCooldownSeconds
+
+  WEBHOOK_HMAC_SECRET: webhookHmacSecret
+  WEBHOOK_SIGNATURE_HEADER: webhookSignatureHeader
+  WEBHOOK_TIMESTAMP_HEADER: webhookTimestampHeader
+  WEBHOOK_TOLERANCE_SECONDS: webhookToleranceSeconds
+  REDACT_PII: redactPii
+  REDACT_PII_SALT: redactPiiSalt
 
   RESULTS_SINK: resultsSink
   LOGS_INGESTION_ENDPOINT: monitoring.outputs.logsIngestionEndpoint

@@ -90,6 +90,17 @@ def classify(response: httpx.Response) -> GraphFailure:
     return GraphFailure("permanent", code, message or f"Graph answered {status}", status)
 
 
+def _json_object(response: httpx.Response) -> dict:
+    try:
+        document = response.json()
+    except ValueError:
+        document = None
+    if not isinstance(document, dict):
+        raise GraphFailure("transient", "InvalidGraphResponse", "Graph answered 200 with a body that is not a JSON object",
+                           response.status_code)
+    return document
+
+
 class GraphClient:
     def __init__(self, settings: Settings, credential: TokenCredential, http: httpx.Client | None = None):
         self._settings = settings
@@ -134,22 +145,29 @@ class GraphClient:
     def get_job(self, service_principal_id: str, job_id: str, token: str) -> dict:
         """The synchronizationJob (status, schedule); raises GraphFailure like provision_on_demand."""
         path = job_path(self._settings.graph_api_version, service_principal_id, job_id)
+        return _json_object(self._job_request("GET", path, token))
+
+    def get_schema(self, service_principal_id: str, job_id: str, token: str) -> dict:
+        """The job's synchronizationSchema (synchronizationRules hold the ruleIds provisionOnDemand takes)."""
+        path = job_path(self._settings.graph_api_version, service_principal_id, job_id) + "/schema"
+        return _json_object(self._job_request("GET", path, token))
+
+    def start_job(self, service_principal_id: str, job_id: str, token: str) -> None:
+        """POST .../start: resumes a paused job, clears quarantine. Callers must rate-limit it
+        themselves (shared/jobguard.py): Microsoft warns against calling it repeatedly."""
+        path = job_path(self._settings.graph_api_version, service_principal_id, job_id) + "/start"
+        self._job_request("POST", path, token, ok=(200, 202, 204))
+
+    def _job_request(self, method: str, path: str, token: str, ok: tuple[int, ...] = (200,)) -> httpx.Response:
         try:
-            response = self._http.get(path, headers={"Authorization": f"Bearer {token}"})
+            response = self._http.request(method, path, headers={"Authorization": f"Bearer {token}"})
         except httpx.TimeoutException:
             raise GraphFailure("transient", "Timeout", "Graph did not answer in time") from None
         except httpx.TransportError as exc:
             raise GraphFailure("transient", "ConnectionError", f"{type(exc).__name__} talking to Graph") from None
-        if response.status_code != 200:
+        if response.status_code not in ok:
             raise classify(response)
-        try:
-            job = response.json()
-        except ValueError:
-            job = None
-        if not isinstance(job, dict):
-            raise GraphFailure("transient", "InvalidGraphResponse", "Graph answered 200 with a body that is not "
-                               "a JSON object", 200)
-        return job
+        return response
 
     def close(self) -> None:
         self._http.close()

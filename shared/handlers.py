@@ -6,11 +6,14 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from . import dryrun
 from .errors import RequestRejected
 from .dispatch import place
 from .intake import AcceptedRequest, accept, check_http_request, dead_letter_for, decode_queue_text
+from .rules import RuleResolver, cache_for
 from .runtime import Runtime
 from .schedule import TooLong
+from .signatures import verify as verify_signature
 from .worker import handle_work_message
 
 log = logging.getLogger(__name__)
@@ -46,10 +49,20 @@ def _enqueue(accepted: list[AcceptedRequest], rt: Runtime) -> list[str]:
             headers={"Retry-After": str(max(1, round(too_long.wait - limit)))}) from None
 
 
-def provision_http(body: bytes, headers: Mapping[str, str], rt: Runtime) -> HttpReply:
+def _rule_lookup(rt: Runtime) -> RuleResolver:
+    return RuleResolver(rt.graph, cache_for(rt.settings.rule_cache_seconds))
+
+
+def provision_http(body: bytes, headers: Mapping[str, str], rt: Runtime,
+                   params: Mapping[str, str] | None = None) -> HttpReply:
     try:
+        # First: an unsigned caller learns nothing else about what we would accept.
+        verify_signature(body, headers, rt.settings)
         text = check_http_request(body, headers, rt.settings)
-        accepted = accept(text, rt.settings)
+        accepted = accept(text, rt.settings, rules=_rule_lookup(rt))
+        if dryrun.wanted(params):
+            # -WhatIf: nothing booked, no capacity taken, nothing sent to Graph.
+            return HttpReply(200, dryrun.describe(accepted, rt.settings))
         work = _enqueue(accepted, rt)
     except RequestRejected as rejected:
         return _error_reply(rejected)
@@ -62,7 +75,7 @@ def intake_message(raw: bytes | str, rt: Runtime) -> list[str]:
     is dead-lettered at once: retrying cannot fix it."""
     original = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
     try:
-        accepted = accept(decode_queue_text(raw), rt.settings)
+        accepted = accept(decode_queue_text(raw), rt.settings, rules=_rule_lookup(rt))
         work = _enqueue(accepted, rt)
     except RequestRejected as rejected:
         log.warning("intake message dead-lettered: %s", rejected.info.code)

@@ -12,7 +12,7 @@ import logging
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from pydantic import ValidationError
 
@@ -24,6 +24,7 @@ from .settings import Settings
 log = logging.getLogger(__name__)
 
 MAX_ITEMS_PER_POST = 1000
+MAX_DEAD_LETTER_DETAILS = 50
 JSON_MEDIA_TYPES = ("application/json", "text/json", "text/plain")
 
 
@@ -39,7 +40,11 @@ class AcceptedRequest:
 
 def decode_queue_text(raw: bytes | str) -> str:
     """Queue messages arrive as plain JSON (Logic Apps) or base64 of it (Functions/SDK default)."""
-    text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+    try:
+        text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+    except UnicodeDecodeError:
+        # Unhandled, this would be retried five times and land in -poison without a reason.
+        raise RequestRejected(400, "InvalidEncoding", "message is not UTF-8 text") from None
     stripped = text.strip()
     if stripped.startswith(("{", "[")):
         return stripped
@@ -98,8 +103,12 @@ def _subject_calls(subject: GraphSubject) -> list[Subject]:
             for i in range(0, len(members), MAX_GROUP_MEMBERS_PER_CALL)]
 
 
+# (servicePrincipalId, jobId, subject, field path) -> ruleId; raises RequestRejected (shared/rules.py).
+RuleLookup = Callable[[str, str, Subject, str], str]
+
+
 def plan(event: GraphBodyEvent | CompactEvent, settings: Settings, index: int | None = None,
-         received_at: datetime | None = None) -> AcceptedRequest:
+         received_at: datetime | None = None, rules: RuleLookup | None = None) -> AcceptedRequest:
     prefix = f"[{index}]." if index is not None else ""
     sp = _resolve(event.servicePrincipalId, settings.default_service_principal_id, "servicePrincipalId",
                   "DEFAULT_SERVICE_PRINCIPAL_ID", prefix)
@@ -109,8 +118,13 @@ def plan(event: GraphBodyEvent | CompactEvent, settings: Settings, index: int | 
     else:
         pairs = [(p.ruleId, s, f"parameters[{i}].ruleId") for i, p in enumerate(event.parameters) for s in p.subjects]
     accepted = AcceptedRequest(requestId=str(uuid.uuid4()), correlationId=event.correlationId)
-    calls = [(_resolve(rule, settings.default_rule_id, name, "DEFAULT_RULE_ID", prefix), call)
-             for rule, subject, name in pairs for call in _subject_calls(subject)]
+
+    def rule_for(rule: str | None, call: Subject, name: str) -> str:
+        if rule or settings.default_rule_id or rules is None:
+            return _resolve(rule, settings.default_rule_id, name, "DEFAULT_RULE_ID", prefix)
+        return rules(sp, job, call, f"{prefix}{name}")
+
+    calls = [(rule_for(rule, call, name), call) for rule, subject, name in pairs for call in _subject_calls(subject)]
     received_at = received_at or utcnow()
     accepted.items = [WorkItem(requestId=accepted.requestId, correlationId=event.correlationId,
                                servicePrincipalId=sp, jobId=job, ruleId=rule, subject=subject,
@@ -119,10 +133,10 @@ def plan(event: GraphBodyEvent | CompactEvent, settings: Settings, index: int | 
     return accepted
 
 
-def accept(text: str, settings: Settings) -> list[AcceptedRequest]:
+def accept(text: str, settings: Settings, rules: RuleLookup | None = None) -> list[AcceptedRequest]:
     events = parse_body(text)
     bulk = len(events) > 1 or text.lstrip().startswith("[")
-    return [plan(e, settings, i if bulk else None) for i, e in enumerate(events)]
+    return [plan(e, settings, i if bulk else None, rules=rules) for i, e in enumerate(events)]
 
 
 def check_http_request(body: bytes, headers: Mapping[str, str], settings: Settings) -> str:
@@ -143,7 +157,16 @@ def check_http_request(body: bytes, headers: Mapping[str, str], settings: Settin
 def dead_letter_for(reason: RequestRejected | ErrorInfo, source: str, original: str, limit: int = 48 * 1024,
                     **extra: Any) -> DeadLetter:
     info = reason.info if isinstance(reason, RequestRejected) else reason
+    if isinstance(info.details, list) and len(info.details) > MAX_DEAD_LETTER_DETAILS:
+        # A 1000-item bulk message can have thousands of problems: the first ones say enough.
+        more = len(info.details) - MAX_DEAD_LETTER_DETAILS
+        info = info.model_copy(update={"details": [*info.details[:MAX_DEAD_LETTER_DETAILS],
+                                                   {"field": "(more)", "message": f"{more} more problem(s) not shown"}]})
+    # The limit holds for the original as it will be written, JSON-escaped: quotes and control
+    # characters grow it up to six-fold, and a dead letter over 64 KiB cannot be stored at all.
     encoded = original.encode("utf-8", "replace")
-    truncated = len(encoded) > limit
-    kept = encoded[:limit].decode("utf-8", "ignore") if truncated else original
+    kept = encoded[:limit].decode("utf-8", "ignore")
+    while len(json.dumps(kept, ensure_ascii=False).encode("utf-8", "replace")) > limit:
+        kept = kept[:len(kept) * 3 // 4]
+    truncated = len(kept) < len(original)
     return DeadLetter(reason=info, source=source, original=kept, originalTruncated=truncated, **extra)

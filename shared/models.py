@@ -259,6 +259,18 @@ class Outcome(BaseModel):
     rawValue: str | None = None
 
 
+class JobStatus(BaseModel):
+    """The synchronization job's state, read when a call failed in a way that points at the job."""
+
+    code: str  # Graph's status.code (Active, Paused, Quarantine, ...), or NotFound / Unknown
+    quarantineReason: str | None = None  # status.quarantine.reason, e.g. EncounteredQuarantineException
+    quarantineError: dict[str, Any] | None = None  # status.quarantine.error {code, message, ...}
+    detail: str | None = None  # why the status could not be read, when it could not
+    # AUTO_START_QUARANTINED_JOB: "started", "cooldown" (another call started it recently),
+    # "failed: <code>"; absent when no start was considered.
+    autoStart: str | None = None
+
+
 RESULT_SCHEMA_VERSION = 1
 
 
@@ -279,6 +291,7 @@ class ResultMessage(Outcome):
     receivedAt: datetime
     completedAt: datetime
     truncated: bool = False
+    jobStatus: JobStatus | None = None  # only when the failure pointed at the job (shared/jobguard.py)
 
 
 class ErrorInfo(BaseModel):

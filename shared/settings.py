@@ -88,6 +88,23 @@ class Settings(BaseSettings):
     max_expected_wait_hours: float = Field(72.0, alias="MAX_EXPECTED_WAIT_HOURS", gt=0, le=167)
     max_body_bytes: int = Field(262144, alias="MAX_BODY_BYTES", ge=1024)
 
+    # Optional webhook signatures (shared/signatures.py): off while the secret is empty.
+    webhook_hmac_secret: str | None = Field(None, alias="WEBHOOK_HMAC_SECRET", repr=False)
+    webhook_signature_header: str = Field("X-Signature", alias="WEBHOOK_SIGNATURE_HEADER",
+                                          pattern=r"^[A-Za-z0-9-]{1,64}$")
+    webhook_timestamp_header: str = Field("X-Timestamp", alias="WEBHOOK_TIMESTAMP_HEADER",
+                                          pattern=r"^[A-Za-z0-9-]{1,64}$")
+    webhook_tolerance_seconds: int = Field(300, alias="WEBHOOK_TOLERANCE_SECONDS", ge=1, le=86400)
+    # Personal values in results become salted hashes (shared/redaction.py).
+    redact_pii: bool = Field(False, alias="REDACT_PII")
+    redact_pii_salt: str | None = Field(None, alias="REDACT_PII_SALT", repr=False)
+
+    # Rule discovery (shared/rules.py) and the quarantine guard (shared/jobguard.py).
+    rule_cache_seconds: float = Field(600.0, alias="RULE_CACHE_SECONDS", ge=0, le=86400)
+    auto_start_quarantined_job: bool = Field(False, alias="AUTO_START_QUARANTINED_JOB")
+    # A queue message can hide for 7 days at most, and that hidden message is the cooldown.
+    auto_start_cooldown_seconds: int = Field(3600, alias="AUTO_START_COOLDOWN_SECONDS", ge=1, le=604800)
+
     results_sink: ResultsSink = Field(ResultsSink.QUEUE, alias="RESULTS_SINK")
     logs_ingestion_endpoint: str | None = Field(None, alias="LOGS_INGESTION_ENDPOINT")
     logs_dcr_immutable_id: str | None = Field(None, alias="LOGS_DCR_IMMUTABLE_ID")
@@ -143,6 +160,13 @@ class Settings(BaseSettings):
                              "not its name or resource id")
         if not STREAM_RE.match(self.logs_stream_name):
             raise ValueError("LOGS_STREAM_NAME must name a stream of the DCR, such as Custom-ProvisioningResults_CL")
+        return self
+
+    @model_validator(mode="after")
+    def _redaction_salted(self) -> "Settings":
+        # Without a secret salt a hash of a name is reversed by hashing a list of names.
+        if self.redact_pii and (not self.redact_pii_salt or len(self.redact_pii_salt) < 16):
+            raise ValueError("REDACT_PII=true needs REDACT_PII_SALT: a secret of at least 16 characters")
         return self
 
     @model_validator(mode="after")

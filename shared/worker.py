@@ -14,6 +14,7 @@ from typing import Callable
 
 from pydantic import ValidationError
 
+from . import jobguard
 from .decoding import decode
 from .dispatch import hold_until_slot, place_now
 from .errors import validation_details
@@ -22,12 +23,14 @@ from .intake import dead_letter_for
 from .lease import Lease, RateGate
 from .models import ErrorInfo, Outcome, ResultMessage, WorkItem, utcnow
 from .retry import backoff_seconds
+from .redaction import redact
 from .runtime import Runtime
 
 log = logging.getLogger(__name__)
 
 ERROR_RESULT = "Error"  # our own result value: no provisioning outcome, see the dead-letter queue
 TOKEN_RETRY_SECONDS = 0.25
+TOKEN_PATIENCE_SECONDS = 1.0  # how long an item on its slot keeps asking for the slot's token
 
 
 def handle_work_message(text: str, rt: Runtime) -> None:
@@ -55,7 +58,7 @@ def process(item: WorkItem, rt: Runtime, sleep: Callable[[float], None] = time.s
     if item.notBefore is not None:
         sleep(max(0.0, min(s.max_slot_wait_seconds, item.notBefore - time.time())))
     gate = rt.gate_for(item)
-    lease = _acquire(gate, patience=s.max_slot_wait_seconds if item.notBefore is not None else 0, sleep=sleep)
+    lease = _acquire(gate, patience=TOKEN_PATIENCE_SECONDS if item.notBefore is not None else 0, sleep=sleep)
     if lease is None:
         _defer(item, rt, 0, "NoCapacity")
         return
@@ -78,7 +81,7 @@ def process(item: WorkItem, rt: Runtime, sleep: Callable[[float], None] = time.s
 def _acquire(gate: RateGate, patience: float, sleep: Callable[[float], None]) -> Lease | None:
     """A token now, or within `patience` seconds for an item that is on its slot: the token for
     its slot may come back a few milliseconds after the slot when the previous call was late."""
-    deadline = time.monotonic() + min(patience, 1.0)
+    deadline = time.monotonic() + patience
     while True:
         lease = gate.acquire()
         if lease is not None or time.monotonic() >= deadline:
@@ -99,7 +102,7 @@ def _after_failure(item: WorkItem, rt: Runtime, failure: GraphFailure) -> None:
     log.error("call %s dead-lettered: %s", item.call_id, failure.code)
     rt.queues.send_json(s.deadletter_queue, dead_letter_for(
         info, "work", item.model_dump_json(exclude_none=True), requestId=item.requestId, attempts=item.attempts))
-    _emit(item, rt, Outcome(result=ERROR_RESULT, errorCode=failure.code, errorMessage=why))
+    _emit(item, rt, Outcome(result=ERROR_RESULT, errorCode=failure.code, errorMessage=why), failure=failure)
 
 
 def _defer(item: WorkItem, rt: Runtime, seconds: float, why: str) -> None:
@@ -108,13 +111,16 @@ def _defer(item: WorkItem, rt: Runtime, seconds: float, why: str) -> None:
     log.info("call %s deferred to slot %.1f (%s)", item.call_id, again.notBefore or 0, why)
 
 
-def _emit(item: WorkItem, rt: Runtime, outcome: Outcome) -> None:
+def _emit(item: WorkItem, rt: Runtime, outcome: Outcome, failure: GraphFailure | None = None) -> None:
+    job_status = jobguard.inspect(item, rt, outcome, failure)  # None unless the failure points at the job
     result = ResultMessage(
         **outcome.model_dump(),
         resultId=item.call_id, requestId=item.requestId, correlationId=item.correlationId,
         servicePrincipalId=item.servicePrincipalId, jobId=item.jobId, ruleId=item.ruleId,
         subject=item.subject, callIndex=item.callIndex, callCount=item.callCount,
-        attempts=item.attempts, receivedAt=item.receivedAt, completedAt=utcnow(),
+        attempts=item.attempts, receivedAt=item.receivedAt, completedAt=utcnow(), jobStatus=job_status,
     )
+    if rt.settings.redact_pii:  # before every sink: queue and Log Analytics alike
+        result = redact(result, rt.settings.redact_pii_salt or "")
     for sink in rt.sinks:
         sink.emit(result)

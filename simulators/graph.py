@@ -15,7 +15,11 @@ Admin endpoints (JSON; not recorded, not rate limited):
   GET /_sim/calls, DELETE /_sim/calls (log and rate window), GET /_sim/stats,
   GET /_sim/max_in_window?window=10[&counted_only=1],
   GET/POST/DELETE /_sim/script, GET/POST /_sim/config,
-  GET/POST/DELETE /_sim/jobs (per-job status for GET .../jobs/{jobId}; see `set_job`).
+  GET/POST/DELETE /_sim/jobs (per-job status for GET .../jobs/{jobId}; see `set_job`),
+  GET/POST/DELETE /_sim/schemas (per-job GET .../jobs/{jobId}/schema; see `set_schema`).
+
+`GET .../jobs/{jobId}/schema` answers synchronizationRules; `POST .../jobs/{jobId}/start` answers
+204 and sets the job Active (recorded: see `start_calls`).
 
 `GET /{version}/servicePrincipals/{id}/synchronization/jobs/{jobId}` answers a synchronizationJob
 (status Active unless set otherwise). It is recorded but neither scripted nor rate limited: the
@@ -53,9 +57,22 @@ _JOB = ("{version}", "servicePrincipals", "{servicePrincipalId}", "synchronizati
 ROUTES: list[tuple[str, tuple[str, ...], str]] = [
     ("POST", _JOB + ("provisionOnDemand",), "provision_on_demand"),
     ("GET", _JOB, "get_job"),
+    ("GET", _JOB + ("schema",), "get_schema"),
+    ("POST", _JOB + ("start",), "start_job"),
 ]
 JOB_READ_ROLES = REQUIRED_ROLES | {"Synchronization.Read.All"}
 JOB_STATUS_CODES = ("NotConfigured", "NotRun", "Active", "Paused", "Quarantine")
+# What an Entra ID -> SCIM app job's schema holds: one rule mapping users and groups.
+DEFAULT_SCHEMA_RULES: list[dict[str, Any]] = [{
+    "id": "03f7d90d-bf71-41b1-bda6-aaf0ddbee5d8", "name": "USER_GROUP_TO_SCIM",
+    "sourceDirectoryName": "Azure Active Directory", "targetDirectoryName": "customappsso",
+    "objectMappings": [
+        {"enabled": True, "name": "Provision Azure Active Directory Users", "sourceObjectName": "User",
+         "targetObjectName": "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User"},
+        {"enabled": True, "name": "Provision Azure Active Directory Groups", "sourceObjectName": "Group",
+         "targetObjectName": "urn:ietf:params:scim:schemas:core:2.0:Group"},
+    ],
+}]
 
 _STATUS_CODES = {
     400: "BadRequest", 401: "InvalidAuthenticationToken", 403: "Authorization_RequestDenied",
@@ -214,6 +231,7 @@ class GraphSimulator(SimServer):
         self._seq = itertools.count(1)
         self._script: dict[str, deque[dict[str, Any]]] = {}
         self._jobs: dict[tuple[str, str], dict[str, Any]] = {}
+        self._schemas: dict[tuple[str, str], dict[str, Any]] = {}
         self.throttled = 0  # 429s answered by the rate limiter (scripted 429s not included)
 
     # --- properties ----------------------------------------------------------------------------
@@ -330,6 +348,41 @@ class GraphSimulator(SimServer):
     def clear_jobs(self) -> None:
         with self._lock:
             self._jobs.clear()
+
+    def clear_schemas(self) -> None:
+        with self._lock:
+            self._schemas.clear()
+
+    def set_schema(self, service_principal_id: str, job_id: str, rules: Iterable[Mapping[str, Any]] | None = None,
+                   *, http_status: int | None = None) -> dict[str, Any]:
+        """Make GET .../jobs/{job_id}/schema answer these synchronizationRules (each {id, name,
+        sourceDirectoryName, targetDirectoryName, objectMappings: [{sourceObjectName, targetObjectName,
+        enabled}]}), or fail with `http_status`. Unconfigured jobs answer DEFAULT_SCHEMA_RULES."""
+        with self._lock:
+            self._schemas[(service_principal_id, job_id)] = {
+                "rules": copy.deepcopy([dict(r) for r in rules]) if rules is not None else None,
+                "http_status": http_status}
+        return self.schema(service_principal_id, job_id)
+
+    def schema(self, service_principal_id: str, job_id: str) -> dict[str, Any]:
+        with self._lock:
+            cfg = copy.deepcopy(self._schemas.get((service_principal_id, job_id)) or {})
+        rules = cfg.get("rules")
+        if rules is None:
+            rules = copy.deepcopy(DEFAULT_SCHEMA_RULES)
+        return {"id": job_id, "version": "date:2026-01-01T00:00:00Z", "directories": [],
+                "synchronizationRules": rules}
+
+    def configured_schemas(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [{"servicePrincipalId": sp, "jobId": job, **copy.deepcopy(cfg)}
+                    for (sp, job), cfg in self._schemas.items()]
+
+    def start_calls(self, service_principal_id: str | None = None, job_id: str | None = None) -> list[dict[str, Any]]:
+        """The POST .../start calls received (answered or not), oldest first."""
+        return [c for c in self.calls() if c["route"] == "start_job"
+                and (service_principal_id is None or c["servicePrincipalId"] == service_principal_id)
+                and (job_id is None or c["jobId"] == job_id)]
 
     def configured_jobs(self) -> list[dict[str, Any]]:
         with self._lock:
@@ -522,6 +575,18 @@ class _GraphHandler(SimHandler):
                     body["servicePrincipalId"], body["jobId"], code=body.get("code", "Active"),
                     quarantine=body.get("quarantine"), template_id=body.get("templateId"),
                     schedule=body.get("schedule"), http_status=body.get("httpStatus")))
+            elif path == "/_sim/schemas" and method == "DELETE":
+                sim.clear_schemas()
+                self.send_json(200, sim.configured_schemas())
+            elif path == "/_sim/schemas" and method == "GET":
+                self.send_json(200, sim.configured_schemas())
+            elif path == "/_sim/schemas" and method == "POST":
+                # {"servicePrincipalId", "jobId", "synchronizationRules"?, "httpStatus"?}
+                if not isinstance(body, dict):
+                    raise ValueError("JSON object expected")
+                self.send_json(200, sim.set_schema(body["servicePrincipalId"], body["jobId"],
+                                                   body.get("synchronizationRules"),
+                                                   http_status=body.get("httpStatus")))
             else:
                 self.send_json(404, {"error": f"No admin route {method} {path}"})
         except (KeyError, TypeError, ValueError) as exc:
@@ -616,6 +681,9 @@ class _GraphHandler(SimHandler):
         if route == "get_job":
             self._get_job(record, params, claims, auth_error, base_headers, error)
             return
+        if route in ("get_schema", "start_job"):
+            self._job_action(route, record, params, claims, auth_error, base_headers, error)
+            return
 
         # 3. Fault script.
         answer = sim._pop_script(record["objectId"])
@@ -699,6 +767,44 @@ class _GraphHandler(SimHandler):
                                      "/synchronization/jobs/$entity", **sim.job(sp, job_id)}
         sim._update(record, status=200)
         self.send_json(200, payload, headers=base_headers)
+
+    def _job_action(self, route: str, record: dict[str, Any], params: dict[str, str],
+                    claims: Mapping[str, Any] | None, auth_error: str | None, base_headers: dict[str, str],
+                    error: Any) -> None:
+        """GET .../schema and POST .../start: like GET job, neither scripted nor rate limited."""
+        sim = self.server
+        sp, job_id = params["servicePrincipalId"], params["jobId"]
+        if claims is None:
+            error(401, "InvalidAuthenticationToken", auth_error or "Access token validation failure.",
+                  {"WWW-Authenticate": WWW_AUTHENTICATE})
+            return
+        roles = claims.get("roles") or []
+        allowed = JOB_READ_ROLES if route == "get_schema" else REQUIRED_ROLES
+        if not allowed.intersection(roles if isinstance(roles, list) else []):
+            error(403, "Authorization_RequestDenied", "Insufficient privileges to complete the operation.")
+            return
+        job_cfg = sim._job_config(sp, job_id)
+        with sim._lock:
+            schema_cfg = copy.deepcopy(sim._schemas.get((sp, job_id)))
+        known = job_cfg is not None or schema_cfg is not None
+        if not known and sim.known_jobs is not None and (sp, job_id) not in sim.known_jobs:
+            error(404, "Request_ResourceNotFound", f"Resource '{sp}' or job '{job_id}' does not exist.")
+            return
+        failing = (schema_cfg or {}).get("http_status") if route == "get_schema" else (job_cfg or {}).get("http_status")
+        if failing:
+            status = int(failing)
+            error(status, _STATUS_CODES.get(status, "UnknownError"), f"Configured {status} answer for this job.")
+            return
+        if route == "get_schema":
+            sim._update(record, status=200)
+            self.send_json(200, sim.schema(sp, job_id), headers=base_headers)
+            return
+        # Start clears quarantine and resumes a paused job.
+        current = job_cfg or {}
+        sim.set_job(sp, job_id, code="Active", template_id=current.get("templateId"),
+                    schedule=None)
+        sim._update(record, status=204)
+        self.send_bytes(204, b"", content_type=None, headers=base_headers)
 
     def _match(self, segments: list[str]) -> tuple[str | None, dict[str, str], bool]:
         """(route name or None, captured params, whether the path matched some route for another method)."""

@@ -21,6 +21,7 @@ param instanceMemoryMB int = 2048
 param maximumInstanceCount int = 40
 
 @description('App settings; the module adds nothing of its own, so main.bicep is the one list to read.')
+@secure() // it carries WEBHOOK_HMAC_SECRET and REDACT_PII_SALT: keep them out of deployment history
 param appSettings object
 
 resource plan 'Microsoft.Web/serverfarms@2024-04-01' = {
