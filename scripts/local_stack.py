@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 
-from devhost.azurite import Azurite, free_port, start_azurite
+from devhost.azurite import Azurite, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 

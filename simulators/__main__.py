@@ -9,12 +9,11 @@ Prints `GRAPH_ENDPOINT=...`, `IDENTITY_ENDPOINT=...`, `IDENTITY_HEADER=...`, the
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
-import threading
 
 from . import start_simulators
 from .graph import parse_latency
+from .httpbase import serve_until_signalled
 from .ratelimit import parse_rate
 from .tokens import DEFAULT_ROLES, SIM_CLIENT_ID, SIM_OBJECT_ID, SIM_TENANT_ID
 
@@ -64,23 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         count_throttled=not args.no_count_throttled, clock_skew=args.clock_skew, seed=args.seed,
         verbose=args.verbose,
     )
-    stop = threading.Event()
-
-    def on_signal(signum, frame):  # noqa: ARG001
-        stop.set()
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
-    try:
-        for name, value in sims.env().items():
-            print(f"{name}={value}")
-        print("Simulators ready", flush=True)
-        while not stop.wait(0.5):
-            pass
-    finally:
-        sims.stop()
-    return 0
-
+    return serve_until_signalled(sims, "Simulators ready")
 
 if __name__ == "__main__":
     sys.exit(main())

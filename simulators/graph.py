@@ -37,7 +37,7 @@ import uuid
 from collections import Counter, deque
 from pathlib import Path
 from typing import Any, Iterable, Mapping
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, unquote
 
 from .httpbase import SimHandler, SimServer, parse_json_body
 from .ratelimit import SlidingWindowLimiter, max_in_window, parse_rate

@@ -5,6 +5,7 @@ connection without answering. Standard library only.
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import struct
 import sys
@@ -156,3 +157,20 @@ def parse_json_body(raw: bytes) -> Any:
     if not raw.strip():
         return {}
     return json.loads(raw.decode("utf-8"))
+
+
+def serve_until_signalled(running: Any, ready_line: str) -> int:
+    """The command-line loop of every simulator: print the settings that point the app at it, then
+    `ready_line` (launchers wait for it), and run until SIGINT or SIGTERM."""
+    stop = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        for name, value in running.env().items():
+            print(f"{name}={value}")
+        print(ready_line, flush=True)
+        while not stop.wait(0.5):
+            pass
+    finally:
+        running.stop()
+    return 0

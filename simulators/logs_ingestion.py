@@ -33,7 +33,6 @@ import datetime as dt
 import gzip
 import ipaddress
 import json
-import signal
 import ssl
 import sys
 import tempfile
@@ -44,7 +43,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from .httpbase import SimHandler, SimServer, parse_json_body
+from .httpbase import SimHandler, SimServer, parse_json_body, serve_until_signalled
 from .tokens import TokenError, TokenSigner, unverified_claims
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -436,19 +435,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     sim = start_logs_ingestion(args.port, args.host, dcr_id=args.dcr_id, stream=args.stream,
                                cert_dir=args.cert_dir, verbose=args.verbose)
-    stop = threading.Event()
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    try:
-        for name, value in sim.env().items():
-            print(f"{name}={value}")
-        print("Logs ingestion simulator ready", flush=True)
-        while not stop.wait(0.5):
-            pass
-    finally:
-        sim.stop()
-    return 0
-
+    return serve_until_signalled(sim, "Logs ingestion simulator ready")
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -8,7 +8,6 @@ from __future__ import annotations
 import base64
 import json
 import string
-import uuid
 from contextlib import contextmanager
 from typing import Any
 from unittest import mock
@@ -22,7 +21,7 @@ from pydantic import BaseModel
 from shared import handlers
 from shared.errors import RequestRejected
 from shared.graph_client import provision_path
-from shared.intake import accept, decode_queue_text
+from shared.intake import accept
 from shared.models import CompactEvent, GraphBodyEvent, WorkItem
 from shared.settings import Settings
 from shared.storage import MAX_MESSAGE_BYTES
