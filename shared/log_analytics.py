@@ -69,15 +69,10 @@ def envelope_text(result: ResultMessage, attempts: int = 0, last_error: str | No
     return json.dumps(head)[:-1] + ', "result": ' + body + "}"
 
 
-class LogsQueueSink:
+class LogsQueueSink(QueueSink):
     """The worker's Log Analytics sink: a queue write, never a call to Azure Monitor."""
 
-    def __init__(self, queues: Queues, queue_name: str):
-        self._queues = queues
-        self._queue_name = queue_name
-
-    def emit(self, result: ResultMessage) -> None:
-        self._queues.send_text(self._queue_name, envelope_text(result))
+    render = staticmethod(envelope_text)
 
 
 def result_sinks(settings: Settings, queues: Queues) -> list[ResultSink]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import Callable, TypeVar
 
 from .credentials import app_credential
 from .graph_client import GraphClient
@@ -14,6 +15,8 @@ from .schedule import Schedule
 from .settings import Settings, get_settings
 from .sinks import ResultSink
 from .storage import Queues, service_client
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -33,23 +36,20 @@ class Runtime:
 
     def gate_for(self, item: WorkItem | None = None) -> RateGate:
         s = self.settings
-        name = self.pool_name(item)
-        with self._lock:
-            gate = self._gates.get(name)
-            if gate is None:
-                gate = RateGate(QueueTokenStore(self.queues.get(name)), s.rate_limit_calls,
-                                s.rate_limit_window_seconds, s.rate_limit_margin_seconds, s.graph_timeout_seconds)
-                self._gates[name] = gate
-            return gate
+        return self._per_pool(self._gates, self.pool_name(item), lambda store: RateGate(
+            store, s.rate_limit_calls, s.rate_limit_window_seconds, s.rate_limit_margin_seconds,
+            s.graph_timeout_seconds))
 
     def schedule_for(self, item: WorkItem | None = None) -> Schedule:
-        name = self.pool_name(item) + "-schedule"
+        return self._per_pool(self._schedules, self.pool_name(item) + "-schedule",
+                              lambda store: Schedule(store, self.settings.slot_spacing))
+
+    def _per_pool(self, cache: dict, queue_name: str, build: Callable[[QueueTokenStore], T]) -> T:
+        # One object per pool and process: the gate caches the epoch, the queue is created once.
         with self._lock:
-            schedule = self._schedules.get(name)
-            if schedule is None:
-                schedule = Schedule(QueueTokenStore(self.queues.get(name)), self.settings.slot_spacing)
-                self._schedules[name] = schedule
-            return schedule
+            if queue_name not in cache:
+                cache[queue_name] = build(QueueTokenStore(self.queues.service.get_queue_client(queue_name)))
+            return cache[queue_name]
 
 
 def build_runtime(settings: Settings) -> Runtime:

@@ -25,9 +25,13 @@ def fit_for_queue(result: ResultMessage, limit: int = MAX_MESSAGE_BYTES - 1024) 
 
 
 class QueueSink:
+    """Each result as one message on a queue; subclasses change only how a result is written."""
+
+    render = staticmethod(fit_for_queue)
+
     def __init__(self, queues: Queues, queue_name: str):
         self._queues = queues
         self._queue_name = queue_name
 
     def emit(self, result: ResultMessage) -> None:
-        self._queues.send_text(self._queue_name, fit_for_queue(result))
+        self._queues.send_text(self._queue_name, self.render(result))
