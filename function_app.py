@@ -30,6 +30,11 @@ def provision(req: func.HttpRequest, work: func.Out[List[str]]) -> func.HttpResp
     return _reply(reply)
 
 
+@app.route(route="provision/{requestId}", methods=["GET"])
+def provision_status(req: func.HttpRequest) -> func.HttpResponse:
+    return _reply(handlers.request_status(req.route_params.get("requestId", ""), runtime()))
+
+
 @app.queue_trigger(arg_name="msg", queue_name="%INTAKE_QUEUE%", connection="AzureWebJobsStorage")
 @app.queue_output(arg_name="work", queue_name="%WORK_QUEUE%", connection="AzureWebJobsStorage")
 def intake_queue(msg: func.QueueMessage, work: func.Out[List[str]]) -> None:

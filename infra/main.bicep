@@ -78,6 +78,12 @@ param logsBatchSize string = ''
 param logsTimeoutSeconds string = ''
 param ruleCacheSeconds string = ''
 param autoStartCooldownSeconds string = ''
+@description('Share of the rate that high-priority requests may take while normal ones wait (0-0.95).')
+param highPriorityShare string = ''
+@description('Serve equal waiting requests with one Graph call.')
+param coalesceRequests string = 'true'
+@description('The table that holds request status (letters and digits).')
+param statusTable string = 'provisionstatus'
 
 @description('Start a quarantined job (never a paused one) when a call finds it so, at most once per cooldown.')
 @allowed(['true', 'false'])
@@ -152,6 +158,7 @@ module storage 'modules/storage.bicep' = {
     tags: tags
     queueNames: allQueues
     containerNames: containerNames
+    tableNames: [statusTable]
   }
 }
 
@@ -207,6 +214,9 @@ var appSettings = {
   RESULTS_QUEUE: queueNames.results
   DEADLETTER_QUEUE: queueNames.deadletter
   LEASE_QUEUE: queueNames.lease
+  STATUS_TABLE: statusTable
+  COALESCE_REQUESTS: coalesceRequests
+  HIGH_PRIORITY_SHARE: highPriorityShare
 
   RATE_LIMIT_CALLS: string(rateLimitCalls)
   RATE_LIMIT_WINDOW_SECONDS: string(rateLimitWindowSeconds)

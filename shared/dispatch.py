@@ -19,11 +19,11 @@ def place(items: list[WorkItem], rt: Runtime, *, earliest: float | None = None,
     poll the work queue at once instead of at the next polling interval.
 
     Raises schedule.TooLong, booking nothing, when a slot would be more than `max_wait` away."""
-    by_pool: dict[str, list[WorkItem]] = defaultdict(list)
+    by_pool: dict[tuple[str, str], list[WorkItem]] = defaultdict(list)
     for item in items:
-        by_pool[rt.pool_name(item)].append(item)
-    bookings = {pool: rt.schedule_for(group[0]).book(len(group), earliest, max_wait)
-                for pool, group in by_pool.items()}
+        by_pool[rt.pool_name(item), item.lane].append(item)
+    bookings = {(pool, lane): rt.schedule_for(group[0]).book(len(group), earliest, max_wait, lane=lane)
+                for (pool, lane), group in by_pool.items()}
     due_now: list[str] = []
     now = time.time()
     for pool, group in by_pool.items():

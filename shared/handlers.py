@@ -6,14 +6,16 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from . import dryrun
+from . import dryrun, poison
 from .errors import RequestRejected
 from .dispatch import place
+from .models import GUID_RE
 from .intake import AcceptedRequest, accept, check_http_request, dead_letter_for, decode_queue_text
 from .rules import RuleResolver, cache_for
 from .runtime import Runtime
 from .schedule import TooLong
 from .signatures import verify as verify_signature
+from .status import StatusUnavailable
 from .worker import handle_work_message
 
 log = logging.getLogger(__name__)
@@ -35,18 +37,32 @@ def _error_reply(rejected: RequestRejected) -> HttpReply:
 
 
 def _enqueue(accepted: list[AcceptedRequest], rt: Runtime) -> list[str]:
-    """Book slots for every call; refuse the lot when the wait would exceed MAX_EXPECTED_WAIT_HOURS."""
+    """Record every call's status, let equal waiting calls join, and book slots for the rest; refuse
+    the lot when the wait would exceed MAX_EXPECTED_WAIT_HOURS. Raises StatusUnavailable when the
+    status table cannot be written: the queue door retries, the HTTP door answers 503."""
     items = [item for request in accepted for item in request.items]
     limit = rt.settings.max_expected_wait_hours * 3600
+    leaders = rt.status.admit(items)
     try:
-        return place(items, rt, max_wait=limit)
+        work = place(leaders, rt, max_wait=limit)
     except TooLong as too_long:
+        rt.status.forget(items)
         raise RequestRejected(
             503, "BacklogTooLong",
             f"the backlog would delay these calls by about {too_long.wait / 3600:.1f} h, more than "
             f"MAX_EXPECTED_WAIT_HOURS ({rt.settings.max_expected_wait_hours:g} h); send them later",
             [{"expectedWaitSeconds": round(too_long.wait)}],
             headers={"Retry-After": str(max(1, round(too_long.wait - limit)))}) from None
+    except Exception:
+        rt.status.forget(items)
+        raise
+    rt.status.record_requests((a.requestId, a.correlationId, a.priority, a.items) for a in accepted)
+    return work
+
+
+def _status_unavailable() -> RequestRejected:
+    return RequestRejected(503, "StatusStoreUnavailable", "the request status table cannot be reached right now; "
+                           "try again shortly", headers={"Retry-After": "5"})
 
 
 def _rule_lookup(rt: Runtime) -> RuleResolver:
@@ -66,6 +82,8 @@ def provision_http(body: bytes, headers: Mapping[str, str], rt: Runtime,
         work = _enqueue(accepted, rt)
     except RequestRejected as rejected:
         return _error_reply(rejected)
+    except StatusUnavailable:
+        return _error_reply(_status_unavailable())
     log.info("accepted %d request(s), %d call(s) over HTTP", len(accepted), sum(len(a.items) for a in accepted))
     return HttpReply(202, {"accepted": len(accepted), "requests": [a.summary() for a in accepted]}, work=work)
 
@@ -86,9 +104,25 @@ def intake_message(raw: bytes | str, rt: Runtime) -> list[str]:
     return work
 
 
+def request_status(request_id: str, rt: Runtime) -> HttpReply:
+    """GET /api/provision/{requestId}: where the request stands, its ETA, and its results."""
+    if not GUID_RE.match(request_id or ""):
+        return _error_reply(RequestRejected(400, "InvalidRequestId",
+                                            "requestId must be the GUID from the 202 answer of POST /api/provision"))
+    s = rt.settings
+    try:
+        status = rt.status.read(request_id.lower(), s.slot_spacing, s.graph_timeout_seconds)
+    except StatusUnavailable:
+        return _error_reply(_status_unavailable())
+    if status is None:
+        return _error_reply(RequestRejected(404, "RequestNotFound", f"no request {request_id} is known here"))
+    return HttpReply(200, status.model_dump(mode="json", exclude_none=True))
+
+
 def work_message(raw: bytes | str, rt: Runtime) -> None:
     handle_work_message(raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw, rt)
 
 
 def lease_upkeep(rt: Runtime) -> None:
     rt.gate_for().ensure_pool()
+    poison.sweep(rt)

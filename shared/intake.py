@@ -32,10 +32,12 @@ JSON_MEDIA_TYPES = ("application/json", "text/json", "text/plain")
 class AcceptedRequest:
     requestId: str
     correlationId: str | None
+    priority: str = "normal"
     items: list[WorkItem] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
-        return {"requestId": self.requestId, "correlationId": self.correlationId, "calls": len(self.items)}
+        return {"requestId": self.requestId, "correlationId": self.correlationId, "calls": len(self.items),
+                "priority": self.priority}
 
 
 def decode_queue_text(raw: bytes | str) -> str:
@@ -117,7 +119,8 @@ def plan(event: GraphBodyEvent | CompactEvent, settings: Settings, index: int | 
         pairs = [(event.ruleId, event.as_subject(), "ruleId")]
     else:
         pairs = [(p.ruleId, s, f"parameters[{i}].ruleId") for i, p in enumerate(event.parameters) for s in p.subjects]
-    accepted = AcceptedRequest(requestId=str(uuid.uuid4()), correlationId=event.correlationId)
+    accepted = AcceptedRequest(requestId=str(uuid.uuid4()), correlationId=event.correlationId,
+                               priority=event.priority)
 
     def rule_for(rule: str | None, call: Subject, name: str) -> str:
         if rule or settings.default_rule_id or rules is None:
@@ -128,7 +131,8 @@ def plan(event: GraphBodyEvent | CompactEvent, settings: Settings, index: int | 
     received_at = received_at or utcnow()
     accepted.items = [WorkItem(requestId=accepted.requestId, correlationId=event.correlationId,
                                servicePrincipalId=sp, jobId=job, ruleId=rule, subject=subject,
-                               callIndex=i, callCount=len(calls), receivedAt=received_at)
+                               callIndex=i, callCount=len(calls), receivedAt=received_at,
+                               priority=event.priority)
                       for i, (rule, subject) in enumerate(calls)]
     return accepted
 

@@ -16,6 +16,8 @@ JOB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 RULE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._#:-]{0,199}$")
 
 ObjectTypeName = Literal["User", "user", "Group", "Worker"]
+# "high" goes ahead of normal work within HIGH_PRIORITY_SHARE of the rate (shared/schedule.py).
+Priority = Literal["normal", "high"]
 MAX_GROUP_MEMBERS_PER_CALL = 5  # Microsoft's documented limit for one on-demand request
 MAX_MEMBERS_PER_REQUEST = 500
 
@@ -118,6 +120,7 @@ class GraphBodyEvent(_Strict):
     servicePrincipalId: str | None = None
     jobId: str | None = None
     correlationId: CorrelationId | None = None
+    priority: Priority = "normal"
     # Logic Apps and SDKs sometimes copy this annotation along; it carries no meaning here.
     odata_type: str | None = Field(None, alias="@odata.type")
 
@@ -135,6 +138,7 @@ class CompactEvent(_Strict):
     jobId: str | None = None
     members: list[Member] | None = Field(None, max_length=MAX_MEMBERS_PER_REQUEST)
     correlationId: CorrelationId | None = None
+    priority: Priority = "normal"
 
     _sp = field_validator("servicePrincipalId")(classmethod(lambda cls, v: _check_guid(v, "servicePrincipalId")))
     _job = field_validator("jobId")(classmethod(lambda cls, v: _check_job(v)))
@@ -172,6 +176,20 @@ class Subject(BaseModel):
     members: list[str] | None = None
 
 
+class Follower(BaseModel):
+    """A call that joined an equal waiting call instead of making its own (shared/status.py)."""
+
+    requestId: str
+    callIndex: int
+    callCount: int
+    correlationId: str | None = None
+    receivedAt: datetime
+
+    @property
+    def call_id(self) -> str:
+        return f"{self.requestId}:{self.callIndex}"
+
+
 class WorkItem(BaseModel):
     """One Graph call to make: the message on the work queue."""
 
@@ -190,10 +208,21 @@ class WorkItem(BaseModel):
     deferrals: int = 0  # times it was put back to wait (capacity, throttling, outages)
     notBefore: float | None = None  # booked slot, epoch seconds (see shared/schedule.py)
     receivedAt: datetime
+    priority: Priority = "normal"
+    displaced: int = 0  # times it found no token at its slot; the second time it moves to the high lane
+    # Coalescing (shared/status.py): the equal-call group, the etag of its open row while this call
+    # leads it, and the calls that joined once the group was closed.
+    coalesceKey: str | None = None
+    openEtag: str | None = None
+    followers: list[Follower] = Field(default_factory=list)
 
     @property
     def call_id(self) -> str:
         return f"{self.requestId}:{self.callIndex}"
+
+    @property
+    def lane(self) -> Priority:
+        return "high" if self.priority == "high" or self.displaced >= 2 else "normal"
 
     def graph_body(self) -> dict[str, Any]:
         subject: dict[str, Any] = {"objectId": self.subject.objectId, "objectTypeName": self.subject.objectTypeName}
@@ -291,6 +320,9 @@ class ResultMessage(Outcome):
     receivedAt: datetime
     completedAt: datetime
     truncated: bool = False
+    priority: Priority = "normal"
+    callsSaved: int = 0  # other requests this call served (coalescing): Graph calls not made
+    servedBy: str | None = None  # the resultId of the call that served this request, when coalesced
     jobStatus: JobStatus | None = None  # only when the failure pointed at the job (shared/jobguard.py)
 
 
@@ -310,3 +342,54 @@ class DeadLetter(BaseModel):
     requestId: str | None = None
     attempts: int | None = None
     deadLetteredAt: datetime = Field(default_factory=utcnow)
+
+
+CallState = Literal["queued", "waiting", "calling", "succeeded", "skipped", "failed", "dead-lettered"]
+
+
+class CallStatus(BaseModel):
+    """Where one Graph call of a request stands (GET /api/provision/{requestId})."""
+
+    callIndex: int
+    state: CallState
+    attempts: int = 0
+    since: datetime | None = None
+    reason: str | None = None  # why it waits (NoCapacity, TooManyRequests, ...) or the error code
+    eta: datetime | None = None  # the booked slot, while queued or waiting
+    etaSeconds: float | None = None
+    callsAhead: int | None = None  # calls booked before it on the shared timeline
+    servedBy: str | None = None  # coalesced: the resultId of the equal call that serves this one
+    callsSaved: int = 0
+    stalled: bool = False
+    note: str | None = None
+    result: dict[str, Any] | None = None  # the result message, once there is one
+
+
+ORDER_OF_PROGRESS = ("queued", "waiting", "calling")
+ORDER_OF_SEVERITY = ("succeeded", "skipped", "failed", "dead-lettered")
+
+
+class RequestStatus(BaseModel):
+    requestId: str
+    correlationId: str | None = None
+    priority: Priority = "normal"
+    state: CallState
+    receivedAt: datetime | None = None
+    callCount: int
+    eta: datetime | None = None  # when its last waiting call is due
+    etaSeconds: float | None = None
+    calls: list[CallStatus]
+
+    def summarised(self, now: float) -> "RequestStatus":
+        """A request is as far along as its least advanced call and, once every call has finished,
+        as bad as its worst one."""
+        pending = [c.state for c in self.calls if c.state in ORDER_OF_PROGRESS]
+        if pending:
+            self.state = min(pending, key=ORDER_OF_PROGRESS.index)
+        elif self.calls:
+            self.state = max((c.state for c in self.calls), key=ORDER_OF_SEVERITY.index)
+        etas = [c.eta for c in self.calls if c.eta is not None]
+        if etas:
+            self.eta = max(etas)
+            self.etaSeconds = round(max(0.0, self.eta.timestamp() - now), 1)
+        return self

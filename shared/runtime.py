@@ -14,6 +14,7 @@ from .models import WorkItem
 from .schedule import Schedule
 from .settings import Settings, get_settings
 from .sinks import ResultSink
+from .status import StatusStore
 from .storage import Queues, service_client
 
 T = TypeVar("T")
@@ -25,6 +26,7 @@ class Runtime:
     queues: Queues
     graph: GraphClient
     sinks: list[ResultSink]
+    status: StatusStore
     _gates: dict[str, RateGate] = field(default_factory=dict)
     _schedules: dict[str, Schedule] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -42,7 +44,8 @@ class Runtime:
 
     def schedule_for(self, item: WorkItem | None = None) -> Schedule:
         return self._per_pool(self._schedules, self.pool_name(item) + "-schedule",
-                              lambda store: Schedule(store, self.settings.slot_spacing))
+                              lambda store: Schedule(store, self.settings.slot_spacing,
+                                                     high_share=self.settings.high_priority_share))
 
     def _per_pool(self, cache: dict, queue_name: str, build: Callable[[QueueTokenStore], T]) -> T:
         # One object per pool and process: the gate caches the epoch, the queue is created once.
@@ -55,7 +58,8 @@ class Runtime:
 def build_runtime(settings: Settings) -> Runtime:
     queues = Queues(service_client(settings))
     graph = GraphClient(settings, app_credential(settings.azure_client_id))
-    return Runtime(settings=settings, queues=queues, graph=graph, sinks=result_sinks(settings, queues))
+    return Runtime(settings=settings, queues=queues, graph=graph, sinks=result_sinks(settings, queues),
+                   status=StatusStore.connect(settings))
 
 
 @lru_cache(maxsize=1)

@@ -56,6 +56,7 @@ class Settings(BaseSettings):
 
     storage_connection: str | None = Field(None, alias="AzureWebJobsStorage")
     storage_queue_service_uri: str | None = Field(None, alias="AzureWebJobsStorage__queueServiceUri")
+    storage_table_service_uri: str | None = Field(None, alias="AzureWebJobsStorage__tableServiceUri")
     storage_account_name: str | None = Field(None, alias="AzureWebJobsStorage__accountName")
     azure_client_id: str | None = Field(None, alias="AZURE_CLIENT_ID")
 
@@ -73,6 +74,11 @@ class Settings(BaseSettings):
     results_queue: str = Field("provision-results", alias="RESULTS_QUEUE")
     deadletter_queue: str = Field("provision-deadletter", alias="DEADLETTER_QUEUE")
     lease_queue: str = Field("provision-leases", alias="LEASE_QUEUE")
+    # Request status and coalescing (shared/status.py): one table, letters and digits only.
+    status_table: str = Field("provisionstatus", alias="STATUS_TABLE", pattern=r"^[A-Za-z][A-Za-z0-9]{2,62}$")
+    coalesce_requests: bool = Field(True, alias="COALESCE_REQUESTS")
+    # The most of the rate high-priority calls may take while normal calls wait (shared/schedule.py).
+    high_priority_share: float = Field(0.8, alias="HIGH_PRIORITY_SHARE", gt=0, le=0.95)
 
     rate_limit_calls: int = Field(5, alias="RATE_LIMIT_CALLS", ge=1, le=32)
     rate_limit_window_seconds: int = Field(10, alias="RATE_LIMIT_WINDOW_SECONDS", ge=1, le=3600)
@@ -184,6 +190,12 @@ class Settings(BaseSettings):
         if self.storage_queue_service_uri:
             return self.storage_queue_service_uri
         return f"https://{self.storage_account_name}.queue.core.windows.net" if self.storage_account_name else None
+
+    @property
+    def table_service_uri(self) -> str | None:
+        if self.storage_table_service_uri:
+            return self.storage_table_service_uri
+        return f"https://{self.storage_account_name}.table.core.windows.net" if self.storage_account_name else None
 
     @property
     def graph_root(self) -> str:

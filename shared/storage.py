@@ -24,13 +24,18 @@ DEV_STORAGE = (
     "DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;"
     "AccountKey=Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==;"
     "QueueEndpoint=http://127.0.0.1:10001/devstoreaccount1;"
+    "TableEndpoint=http://127.0.0.1:10002/devstoreaccount1;"
 )
+
+
+def connection_string(settings: Settings) -> str | None:
+    conn = settings.storage_connection
+    return DEV_STORAGE if conn and conn.strip() == "UseDevelopmentStorage=true" else conn
 
 
 def service_client(settings: Settings) -> QueueServiceClient:
     if settings.storage_connection:
-        conn = DEV_STORAGE if settings.storage_connection.strip() == "UseDevelopmentStorage=true" else settings.storage_connection
-        return QueueServiceClient.from_connection_string(conn)
+        return QueueServiceClient.from_connection_string(connection_string(settings))
     from .credentials import app_credential
 
     return QueueServiceClient(settings.queue_service_uri, credential=app_credential(settings.azure_client_id))

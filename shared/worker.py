@@ -25,6 +25,7 @@ from .models import ErrorInfo, Outcome, ResultMessage, WorkItem, utcnow
 from .retry import backoff_seconds
 from .redaction import redact
 from .runtime import Runtime
+from .status import StatusUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +61,18 @@ def process(item: WorkItem, rt: Runtime, sleep: Callable[[float], None] = time.s
     gate = rt.gate_for(item)
     lease = _acquire(gate, patience=TOKEN_PATIENCE_SECONDS if item.notBefore is not None else 0, sleep=sleep)
     if lease is None:
-        _defer(item, rt, 0, "NoCapacity")
+        # Its slot went to another call (a high-priority one, or one put back by throttling).
+        _defer(item.model_copy(update={"displaced": item.displaced + 1}), rt, 0, "NoCapacity")
         return
     timing = SendTiming(on_sent=lambda sent_at: gate.on_sent(lease, sent_at))
+    try:
+        # Closes the call's coalescing group: requests that arrive from now on get a call of their own.
+        item = rt.status.start_call(item)
+    except StatusUnavailable:
+        gate.finish(lease, timing)  # nothing was sent: the token goes back at once
+        _defer(item, rt, backoff_seconds(item.deferrals + 1, s.retry_base_seconds, s.retry_max_seconds),
+               "StatusStoreUnavailable")
+        return
     try:
         answer = rt.graph.provision_on_demand(item, token, timing)
     except GraphFailure as failure:
@@ -98,20 +108,27 @@ def _after_failure(item: WorkItem, rt: Runtime, failure: GraphFailure) -> None:
         _defer(item, rt, delay, failure.code)
         return
     why = failure.message if failure.kind == "permanent" else f"gave up after {item.attempts} attempts: {failure.message}"
-    info = ErrorInfo(code=failure.code, message=why, details={"status": failure.status, "kind": failure.kind})
-    log.error("call %s dead-lettered: %s", item.call_id, failure.code)
-    rt.queues.send_json(s.deadletter_queue, dead_letter_for(
+    give_up(item, rt, ErrorInfo(code=failure.code, message=why, details={"status": failure.status, "kind": failure.kind}),
+            failure)
+
+
+def give_up(item: WorkItem, rt: Runtime, info: ErrorInfo, failure: GraphFailure | None = None) -> None:
+    """Dead-letter the call and report it, with the same error for every request it served."""
+    log.error("call %s dead-lettered: %s", item.call_id, info.code)
+    rt.queues.send_json(rt.settings.deadletter_queue, dead_letter_for(
         info, "work", item.model_dump_json(exclude_none=True), requestId=item.requestId, attempts=item.attempts))
-    _emit(item, rt, Outcome(result=ERROR_RESULT, errorCode=failure.code, errorMessage=why), failure=failure)
+    _emit(item, rt, Outcome(result=ERROR_RESULT, errorCode=info.code, errorMessage=info.message), failure=failure)
 
 
 def _defer(item: WorkItem, rt: Runtime, seconds: float, why: str) -> None:
     again = item.model_copy(update={"deferrals": item.deferrals + 1})
     place_now([again], rt, earliest=time.time() + seconds)
+    rt.status.waiting(again, why)
     log.info("call %s deferred to slot %.1f (%s)", item.call_id, again.notBefore or 0, why)
 
 
 def _emit(item: WorkItem, rt: Runtime, outcome: Outcome, failure: GraphFailure | None = None) -> None:
+    """One result for the call and one for each equal request it served (coalescing)."""
     job_status = jobguard.inspect(item, rt, outcome, failure)  # None unless the failure points at the job
     result = ResultMessage(
         **outcome.model_dump(),
@@ -119,8 +136,15 @@ def _emit(item: WorkItem, rt: Runtime, outcome: Outcome, failure: GraphFailure |
         servicePrincipalId=item.servicePrincipalId, jobId=item.jobId, ruleId=item.ruleId,
         subject=item.subject, callIndex=item.callIndex, callCount=item.callCount,
         attempts=item.attempts, receivedAt=item.receivedAt, completedAt=utcnow(), jobStatus=job_status,
+        priority=item.priority, callsSaved=len(item.followers),
     )
     if rt.settings.redact_pii:  # before every sink: queue and Log Analytics alike
         result = redact(result, rt.settings.redact_pii_salt or "")
-    for sink in rt.sinks:
-        sink.emit(result)
+    results = [result] + [result.model_copy(update={
+        "resultId": f.call_id, "requestId": f.requestId, "correlationId": f.correlationId,
+        "callIndex": f.callIndex, "callCount": f.callCount, "receivedAt": f.receivedAt,
+        "callsSaved": 0, "servedBy": result.resultId}) for f in item.followers]
+    for each in results:
+        for sink in rt.sinks:
+            sink.emit(each)
+    rt.status.finish(item, results)

@@ -63,11 +63,25 @@ class FakeQueues:
         self.sent.append((name, json.loads(text)))
 
 
+class NoStatus:
+    """Stands in for the status table in the fuzzing runs: every call gets a slot of its own."""
+
+    def admit(self, items: list[WorkItem]) -> list[WorkItem]:
+        return items
+
+    def record_requests(self, requests: Any) -> None:
+        list(requests)
+
+    def forget(self, items: list[WorkItem]) -> None:
+        pass
+
+
 class FakeRuntime:
     def __init__(self) -> None:
         self.settings = SETTINGS
         self.queues = FakeQueues()
         self.graph = None
+        self.status = NoStatus()
 
 
 @contextmanager

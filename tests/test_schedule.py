@@ -69,3 +69,35 @@ def test_a_timeline_held_by_another_booker_is_waited_for_briefly():
     assert held
     booking = s.book(1)         # we wait out its hold (simulated) and still get a slot after its horizon
     assert booking.slots[0] >= 1.0
+
+
+def test_a_high_call_goes_ahead_of_the_normal_backlog_and_keeps_the_total_at_the_rate():
+    clock = Clock()
+    clock.now = 100.0
+    s = schedule(clock)
+    s.book(10)                                   # normal backlog: slots 100 .. 118, horizon 120
+    clock.now = 103.0
+    high = s.book(1, lane="high")
+    assert high.slots == [104.0]                 # the next slot on the normal grid, not after 120
+    assert s.book(1).slots == [122.0]            # the normal lane moved one slot back for it
+
+
+def test_high_calls_take_at_most_their_share_while_normal_calls_wait():
+    clock = Clock()
+    clock.now = 0.0
+    s = Schedule(Store(clock, random.Random(1)), 2.0, clock=clock, sleep=lambda _: None, high_share=0.5)
+    s.book(100)                                  # 200 s of normal backlog
+    slots = [s.book(1, lane="high").slots[0] for _ in range(20)]
+    assert slots == sorted(set(slots))           # distinct, in order, on the grid
+    assert all(slot % 2.0 == 0 for slot in slots)
+    # Over the span the high lane covers, normal calls keep at least half of the slots.
+    span = (slots[-1] - slots[0]) / 2.0 + 1
+    assert len(slots) / span <= 0.5 + 1 / span
+
+
+def test_without_a_normal_backlog_high_calls_run_at_the_full_rate_and_normal_ones_follow():
+    clock = Clock()
+    clock.now = 10.0
+    s = schedule(clock)
+    assert s.book(3, lane="high").slots == [10.0, 12.0, 14.0]
+    assert s.book(1).slots == [16.0]

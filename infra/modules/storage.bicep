@@ -11,6 +11,9 @@ param queueNames array
 @description('Blob containers the Functions host and Flex deployment use.')
 param containerNames array
 
+@description('Tables the app uses (request status).')
+param tableNames array = []
+
 @allowed(['Standard_LRS', 'Standard_ZRS', 'Standard_GRS', 'Standard_RAGRS', 'Standard_GZRS', 'Standard_RAGZRS'])
 param skuName string = 'Standard_ZRS'
 
@@ -94,6 +97,11 @@ resource tableService 'Microsoft.Storage/storageAccounts/tableServices@2023-05-0
   parent: storage
   name: 'default'
 }
+
+resource tables 'Microsoft.Storage/storageAccounts/tableServices/tables@2023-05-01' = [for table in tableNames: {
+  parent: tableService
+  name: table
+}]
 
 output id string = storage.id
 output name string = storage.name
