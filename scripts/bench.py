@@ -20,7 +20,7 @@ import httpx
 
 from devhost.azurite import start_azurite
 from scripts.local_stack import EXAMPLE_JOB, EXAMPLE_RULE, EXAMPLE_SP, start_devhost
-from scripts.storage_proxy import StorageProxy
+from scripts.storage_proxy import StorageProxy, table_operation
 from simulators import start_simulators
 from tests.conftest import QueueCollector
 
@@ -79,8 +79,10 @@ def main() -> None:
 
     azurite = start_azurite()
     proxy = StorageProxy("127.0.0.1", azurite.queue_port).start()
+    table_proxy = StorageProxy("127.0.0.1", azurite.table_port, classify=table_operation).start()
     sims = start_simulators(rate_calls=args.calls, rate_window=float(args.window), latency=(lo, hi), seed=args.seed)
-    conn = azurite.connection_string.replace(f"127.0.0.1:{azurite.queue_port}", f"127.0.0.1:{proxy.port}")
+    conn = (azurite.connection_string.replace(f"127.0.0.1:{azurite.queue_port}", f"127.0.0.1:{proxy.port}")
+            .replace(f"127.0.0.1:{azurite.table_port}", f"127.0.0.1:{table_proxy.port}"))
     env = {"AzureWebJobsStorage": conn, **sims.env(), "DEFAULT_SERVICE_PRINCIPAL_ID": EXAMPLE_SP,
            "DEFAULT_JOB_ID": EXAMPLE_JOB, "DEFAULT_RULE_ID": EXAMPLE_RULE,
            "RATE_LIMIT_CALLS": str(args.calls), "RATE_LIMIT_WINDOW_SECONDS": str(args.window),
@@ -120,6 +122,7 @@ def main() -> None:
         time.sleep(args.window + 1)
         sims.graph.reset_calls()
         before_tx, before_exec = proxy.snapshot(), executions([h.log_path for h in hosts])
+        before_table = table_proxy.snapshot()
         events = mixed_events(args.requests, rng)
         started = time.monotonic()
         ids: list[str] = []
@@ -137,6 +140,7 @@ def main() -> None:
         calls = [c for c in sims.graph.calls() if c.get("client_request_id") in wanted]
         arrivals = sorted(c["arrival"] for c in sims.graph.calls())
         tx = proxy.snapshot() - before_tx
+        table_tx = table_proxy.snapshot() - before_table
         after_exec = executions([h.log_path for h in hosts])
         execs = {k: after_exec.get(k, 0) - before_exec.get(k, 0) for k in after_exec}
         n = len(finished)
@@ -154,8 +158,11 @@ def main() -> None:
             if len(arrivals) > 1 else None,
             "executions_per_subject": round(sum(execs.values()) / max(1, n), 2),
             "executions": execs,
-            "storage_tx_per_subject": round(sum(tx.values()) / max(1, n), 2),
+            "storage_tx_per_subject": round((sum(tx.values()) + sum(table_tx.values())) / max(1, n), 2),
+            "queue_tx_per_subject": round(sum(tx.values()) / max(1, n), 2),
+            "status_table_tx_per_subject": round(sum(table_tx.values()) / max(1, n), 2),
             "storage_tx": {f"{op} {queue}".strip(): count for (op, queue), count in sorted(tx.items())},
+            "table_tx": {f"{op} {table}".strip(): count for (op, table), count in sorted(table_tx.items())},
             "idle_latency_p50_s": round(statistics.median(idle_total), 2),
             "idle_latency_p95_s": round(percentile(idle_total, 0.95), 2),
             "idle_overhead_p50_s": round(statistics.median(idle_overhead), 2),
@@ -168,6 +175,7 @@ def main() -> None:
             h.stop()
         sims.stop()
         proxy.stop()
+        table_proxy.stop()
         azurite.stop()
 
     print(json.dumps(figures, indent=2))

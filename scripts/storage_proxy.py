@@ -1,5 +1,5 @@
-"""A recording reverse proxy in front of Azurite's queue service: counts every storage
-transaction the app makes, by operation and queue, for the benchmark."""
+"""A recording reverse proxy in front of an Azurite service (queue or table): counts every
+storage transaction (REST request) the app makes, by operation and queue or table, for the benchmark."""
 from __future__ import annotations
 
 import collections
@@ -30,9 +30,25 @@ def operation(method: str, path: str, query: str) -> tuple[str, str]:
     return {"PUT": "create-queue", "DELETE": "delete-queue"}.get(method, method.lower()), queue
 
 
+def table_operation(method: str, path: str, query: str) -> tuple[str, str]:
+    """(operation, table) for a Table service REST call; a batch is one request whatever it holds."""
+    parts = [p for p in path.split("/") if p]
+    name = parts[1] if len(parts) > 1 else ""
+    if name == "$batch":
+        return "batch", ""
+    if name.startswith("Tables"):
+        return {"POST": "create-table", "DELETE": "delete-table"}.get(method, "list-tables"), ""
+    table, _, key = name.partition("(")
+    if method == "GET":
+        return ("get-entity" if "PartitionKey=" in key else "query"), table
+    return {"PUT": "upsert", "MERGE": "merge", "PATCH": "merge", "DELETE": "delete", "POST": "insert"}.get(
+        method, method.lower()), table
+
+
 class StorageProxy:
-    def __init__(self, target_host: str, target_port: int):
+    def __init__(self, target_host: str, target_port: int, classify=operation):
         self.target = (target_host, target_port)
+        self.classify = classify
         self.counts: collections.Counter[tuple[str, str]] = collections.Counter()
         self._lock = threading.Lock()
         self._local = threading.local()
@@ -77,7 +93,7 @@ class StorageProxy:
 
     def record(self, method: str, path: str, query: str) -> None:
         with self._lock:
-            self.counts[operation(method, path, query)] += 1
+            self.counts[self.classify(method, path, query)] += 1
 
     def send(self, method, path, body, headers):
         for attempt in range(2):

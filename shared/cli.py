@@ -1,6 +1,7 @@
 """Operator CLI: `python -m shared.cli --help`.
 
     send                 post an event to the function URL, or put it on the intake queue
+    status               where a request stands (GET /api/provision/{requestId}; --wait until it ends)
     results              show results (peek; --follow to tail, --consume to take them off)
     deadletters list     show dead-letter entries with the ids replay takes
     deadletters replay   put entries back (--id ... or --all) and only then delete them
@@ -106,6 +107,30 @@ def cmd_send(args: argparse.Namespace, out: TextIO, stdin: TextIO) -> int:
     sent = queue.send_message(text, time_to_live=NEVER_EXPIRE)
     out.write(f"queued on {queue.queue_name} as message {sent.id}\n")
     return 0
+
+
+FINAL_STATES = {"succeeded", "skipped", "failed", "dead-lettered"}
+
+
+def cmd_status(args: argparse.Namespace, out: TextIO, stdin: TextIO) -> int:
+    headers = {"x-functions-key": args.key} if args.key else {}
+    url = f"{args.url.rstrip('/')}/{args.request_id}"
+    deadline = time.monotonic() + args.timeout
+    shown = None
+    while True:
+        response = httpx.get(url, headers=headers, timeout=30)
+        if response.status_code != 200:
+            out.write(f"HTTP {response.status_code}\n{response.text}\n")
+            return 1
+        body = response.json()
+        if not args.wait or body["state"] != shown:  # when waiting, a line per change of state
+            out.write(json.dumps(body) + "\n")
+            shown = body["state"]
+        if not args.wait or body["state"] in FINAL_STATES:
+            return 0
+        if time.monotonic() > deadline:
+            return 3
+        time.sleep(args.interval)
 
 
 # -- results ----------------------------------------------------------------------------------------
@@ -277,6 +302,15 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("--file", help="a file holding the event, - for stdin")
     send.add_argument("--timeout", type=float, default=30)
     send.set_defaults(handler=cmd_send)
+
+    status = commands.add_parser("status", help="where a request stands, from the status API")
+    status.add_argument("request_id", help="the requestId from the 202 answer")
+    status.add_argument("--url", required=True, help="the provision URL, e.g. https://<app>.azurewebsites.net/api/provision")
+    status.add_argument("--key", default=os.environ.get(FUNCTION_KEY_ENV), help="function key (default: $FUNCTION_KEY)")
+    status.add_argument("--wait", action="store_true", help="poll until the request has ended; a line per new state")
+    status.add_argument("--timeout", type=float, default=600, help="stop waiting after this many seconds (exit 3)")
+    status.add_argument("--interval", type=float, default=2.0, help="seconds between polls when waiting")
+    status.set_defaults(handler=cmd_status)
 
     results = commands.add_parser("results", help="show results as JSON lines")
     results.add_argument("--request-id", action="append", help="only this requestId (repeatable)")

@@ -13,7 +13,7 @@ from functools import lru_cache
 from typing import Any
 
 from .intake import MAX_ITEMS_PER_POST
-from .models import (GUID_RE, JOB_ID_RE, OBJECT_ID_FORMS, RULE_ID_RE, CompactEvent, ErrorInfo,
+from .models import (GUID_RE, JOB_ID_RE, OBJECT_ID_FORMS, RULE_ID_RE, CompactEvent, ErrorInfo, RequestStatus,
                      GraphBodyEvent)
 from .settings import Settings
 
@@ -87,7 +87,7 @@ def _split_by_type(schemas: dict[str, Any], name: str) -> None:
 
 def _model_schemas() -> dict[str, Any]:
     schemas: dict[str, Any] = {}
-    for model in (GraphBodyEvent, CompactEvent, ErrorInfo):
+    for model in (GraphBodyEvent, CompactEvent, ErrorInfo, RequestStatus):
         schema = model.model_json_schema(ref_template=REF, mode="validation")
         schemas.update(schema.pop("$defs", {}))
         schemas[model.__name__] = schema
@@ -120,11 +120,15 @@ def _model_schemas() -> dict[str, Any]:
                 "type": "object", "required": ["requestId", "calls"],
                 "properties": {"requestId": {"type": "string"},
                                "correlationId": {"type": "string", "nullable": True},
-                               "calls": {"type": "integer", "minimum": 1}}}},
+                               "calls": {"type": "integer", "minimum": 1},
+                               "priority": {"type": "string", "enum": ["normal", "high"]}}}},
         },
     }
     schemas["Health"] = {"type": "object", "required": ["status"], "properties": {"status": {"type": "string"}}}
     return schemas
+
+
+RETRY_AFTER = {"Retry-After": {"description": "seconds", "schema": {"type": "integer"}}}
 
 
 def _error(description: str, headers: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -167,8 +171,26 @@ def _static_spec(signature_header: str, timestamp_header: str) -> dict[str, Any]
                     "413": _error("Body over MAX_BODY_BYTES (PayloadTooLarge) or over 1000 events (TooManyItems)"),
                     "415": _error("Not JSON content (UnsupportedMediaType)"),
                     "422": _error("A field is wrong or missing (ValidationFailed, EmptyRequest)"),
-                    "503": _error("The backlog would delay these calls more than MAX_EXPECTED_WAIT_HOURS (BacklogTooLong)",
-                                  {"Retry-After": {"description": "seconds", "schema": {"type": "integer"}}}),
+                    "503": _error("The backlog would delay these calls more than MAX_EXPECTED_WAIT_HOURS "
+                                  "(BacklogTooLong), or the status table cannot be reached (StatusStoreUnavailable)",
+                                  RETRY_AFTER),
+                },
+            }},
+            "/api/provision/{requestId}": {"get": {
+                "operationId": "RequestStatus",
+                "summary": "Where a request stands",
+                "description": "State (queued, waiting, calling, succeeded, skipped, failed, dead-lettered), "
+                               "attempts, the ETA while it waits, and each call's result once it has one.",
+                "parameters": [{"name": "requestId", "in": "path", "required": True,
+                                "description": "The requestId from the 202 answer",
+                                "schema": {"type": "string", "pattern": GUID_RE.pattern}}],
+                "responses": {
+                    "200": {"description": "The request's status",
+                            "content": {JSON: {"schema": {"$ref": REF.format(model="RequestStatus")}}}},
+                    "400": _error("Not a requestId (InvalidRequestId)"),
+                    "401": _error("No valid function key"),
+                    "404": _error("No such request (RequestNotFound)"),
+                    "503": _error("The status table cannot be reached (StatusStoreUnavailable)", RETRY_AFTER),
                 },
             }},
             "/api/health": {"get": {

@@ -314,7 +314,7 @@ def test_served_description_is_openapi_30_with_operation_ids(hostile):
     assert spec["openapi"].startswith("3.0.")
     assert spec["servers"] == [{"url": hostile.hosts[0].url}]
     ids = [op["operationId"] for path in spec["paths"].values() for op in path.values()]
-    assert sorted(ids) == ["Health", "Provision"]
+    assert sorted(ids) == ["Health", "Provision", "RequestStatus"]
 
 
 @pytest.mark.parametrize("field,value", [("servicePrincipalId", "../" + SP), ("servicePrincipalId", SP + "%2F.."),
@@ -356,7 +356,7 @@ def test_correlation_id_cannot_inject_a_header(hostile):
 # Last in this module: the bodies it gets accepted book Graph calls that would delay the tests above.
 # schemathesis's own pytest loader (from_fixture) does not run under pytest 9, so each operation's
 # strategy is driven by hypothesis directly; the checks are schemathesis's.
-OPERATIONS = [("/api/provision", "POST"), ("/api/health", "GET")]
+OPERATIONS = [("/api/provision", "POST"), ("/api/provision/{requestId}", "GET"), ("/api/health", "GET")]
 MODES = [GenerationMode.POSITIVE, GenerationMode.NEGATIVE]
 FOUND: dict[str, int] = {}  # status counts, printed for RELIABILITY.md with -s
 

@@ -279,3 +279,23 @@ def test_poisoned_work_is_dead_lettered_with_a_result_and_a_final_status(st):
     assert st.result(poisoned.requestId, timeout=10)["errorCode"] == "RepeatedFailure"
     assert st.state(poisoned.requestId)["state"] == "dead-lettered"
     assert poison.sweep(rt) == 0
+
+
+def test_cli_status_waits_for_the_request_and_prints_each_new_state(st):
+    import io
+    import json as json_module
+
+    from shared import cli
+
+    subject = user()
+    st.sims.graph.script(subject, {"status": 200, "delay": 1.5})
+    [request_id] = st.post({"objectId": subject, "objectTypeName": "User"})
+    out = io.StringIO()
+    code = cli.main(["status", request_id, "--url", f"{st.host.url}/api/provision", "--wait", "--interval", "0.2",
+                     "--timeout", "30"], out=out)
+    states = [json_module.loads(line)["state"] for line in out.getvalue().splitlines()]
+    assert code == 0 and states[-1] in ("succeeded", "skipped") and "calling" in states
+    assert len(states) == len(set(states))
+    out = io.StringIO()
+    assert cli.main(["status", str(uuid.uuid4()), "--url", f"{st.host.url}/api/provision"], out=out) == 1
+    assert "RequestNotFound" in out.getvalue()
