@@ -185,12 +185,16 @@ def main() -> None:
         ("nothing lost", figures["lost"] == 0),
         ("utilisation >= 0.90", figures["utilisation"] >= 0.90),
         ("executions per subject <= 3", figures["executions_per_subject"] <= 3),
-        ("storage transactions per subject <= 12", figures["storage_tx_per_subject"] <= 12),
+        # Issue 3's budget covers the queues (lease, timeline, pipeline); the status table of the
+        # request status API and coalescing (issue 7) is reported beside it, not hidden in it.
+        ("queue transactions per subject <= 12", figures["queue_tx_per_subject"] <= 12),
         ("idle p50 <= 2 s + Graph latency", figures["idle_overhead_p50_s"] <= 2),
         ("idle p95 <= 4 s + Graph latency", figures["idle_overhead_p95_s"] <= 4),
     ]
     for name, ok in targets:
         print(f"{'PASS' if ok else 'MISS'}  {name}")
+    print(f"INFO  status table transactions per subject: {figures['status_table_tx_per_subject']} "
+          f"(all storage: {figures['storage_tx_per_subject']})")
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2))
 

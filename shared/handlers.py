@@ -8,7 +8,7 @@ from typing import Any, Mapping
 
 from . import dryrun, poison
 from .errors import RequestRejected
-from .dispatch import place
+from .dispatch import place, place_now
 from .models import GUID_RE
 from .intake import AcceptedRequest, accept, check_http_request, dead_letter_for, decode_queue_text
 from .rules import RuleResolver, cache_for
@@ -42,22 +42,28 @@ def _enqueue(accepted: list[AcceptedRequest], rt: Runtime) -> list[str]:
     status table cannot be written: the queue door retries, the HTTP door answers 503."""
     items = [item for request in accepted for item in request.items]
     limit = rt.settings.max_expected_wait_hours * 3600
-    leaders = rt.status.admit(items)
     try:
+        leaders = rt.status.admit(items)
         work = place(leaders, rt, max_wait=limit)
-    except TooLong as too_long:
-        rt.status.forget(items)
+    except BaseException as exc:
+        _withdraw(items, rt)
+        if not isinstance(exc, TooLong):
+            raise
         raise RequestRejected(
             503, "BacklogTooLong",
-            f"the backlog would delay these calls by about {too_long.wait / 3600:.1f} h, more than "
+            f"the backlog would delay these calls by about {exc.wait / 3600:.1f} h, more than "
             f"MAX_EXPECTED_WAIT_HOURS ({rt.settings.max_expected_wait_hours:g} h); send them later",
-            [{"expectedWaitSeconds": round(too_long.wait)}],
-            headers={"Retry-After": str(max(1, round(too_long.wait - limit)))}) from None
-    except Exception:
-        rt.status.forget(items)
-        raise
+            [{"expectedWaitSeconds": round(exc.wait)}],
+            headers={"Retry-After": str(max(1, round(exc.wait - limit)))}) from None
     rt.status.record_requests((a.requestId, a.correlationId, a.priority, a.items) for a in accepted)
     return work
+
+
+def _withdraw(items: list, rt: Runtime) -> None:
+    # Requests accepted earlier may have joined these calls meanwhile: their calls are still made.
+    heirs = rt.status.forget(items)
+    if heirs:
+        place_now(heirs, rt)
 
 
 def _status_unavailable() -> RequestRejected:

@@ -120,6 +120,9 @@ def to_row(result: ResultMessage) -> dict[str, Any]:
         "Steps": [s.model_dump(exclude_none=True) for s in result.steps],
         "ModifiedProperties": [p.model_dump(exclude_none=True) for p in result.modifiedProperties],
         "Truncated": result.truncated,
+        "Priority": result.priority,
+        "CallsSaved": result.callsSaved,
+        "ServedBy": result.servedBy,
     }
     return {k: v for k, v in row.items() if v is not None}
 

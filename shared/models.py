@@ -210,8 +210,9 @@ class WorkItem(BaseModel):
     receivedAt: datetime
     priority: Priority = "normal"
     displaced: int = 0  # times it found no token at its slot; the second time it moves to the high lane
-    # Coalescing (shared/status.py): the equal-call group, the etag of its open row while this call
-    # leads it, and the calls that joined once the group was closed.
+    # Coalescing (shared/status.py): the equal-call group; while this call leads it, the etag of its
+    # open row as created ("" when the group it leads must be read first); the calls that joined,
+    # once the group was closed.
     coalesceKey: str | None = None
     openEtag: str | None = None
     followers: list[Follower] = Field(default_factory=list)

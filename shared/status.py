@@ -120,7 +120,8 @@ class StatusStore:
 
     def admit(self, items: list[WorkItem]) -> list[WorkItem]:
         """Record every call as queued. A call equal to one that has not gone out yet joins it and
-        gets no slot of its own. Returns the calls that need slots. Raises StatusUnavailable."""
+        gets no slot of its own. Returns the calls that need slots. Raises StatusUnavailable; the
+        caller then withdraws the lot with forget()."""
         try:
             self._ensure_table()
             # Each call is its own partition: a bulk post is admitted in parallel.
@@ -128,7 +129,6 @@ class StatusStore:
                 joined = list(pool.map(self._admit_one, items))
             return [item for item, did_join in zip(items, joined) if not did_join]
         except AzureError as exc:
-            self.forget(items)
             raise StatusUnavailable(str(exc)) from None
 
     def _admit_one(self, item: WorkItem) -> bool:
@@ -186,19 +186,67 @@ class StatusStore:
         except AzureError as exc:
             log.warning("request status not recorded: %s", type(exc).__name__)
 
-    def forget(self, items: list[WorkItem]) -> None:
-        """Undo admit() for calls that will not be queued after all (the post was refused)."""
+    def forget(self, items: list[WorkItem]) -> list[WorkItem]:
+        """Undo admit() for calls that will not be queued after all (their post was refused).
+        Returns the calls that must still be made: when accepted requests joined a withdrawn call
+        meanwhile, the first of them inherits the group and needs a slot of its own."""
+        heirs = []
         for item in items:
             if item.coalesceKey is None:
                 continue
             try:
-                operations = [("delete", {"PartitionKey": item.coalesceKey, "RowKey": item.call_id})]
-                if item.openEtag:
-                    operations.insert(0, ("delete", {"PartitionKey": item.coalesceKey, "RowKey": OPEN},
-                                          {"etag": item.openEtag, "match_condition": MatchConditions.IfNotModified}))
-                self.table.submit_transaction(operations)
+                heir = self._withdraw(item)
             except AzureError:
-                log.warning("could not remove the status of refused call %s", item.call_id)
+                log.warning("could not withdraw the status of refused call %s", item.call_id)
+                continue
+            if heir is not None:
+                heirs.append(heir)
+        return heirs
+
+    def _withdraw(self, item: WorkItem) -> WorkItem | None:
+        key, mine = item.coalesceKey, ("delete", {"PartitionKey": item.coalesceKey, "RowKey": item.call_id})
+        for _ in range(ATTEMPTS):
+            try:
+                group = self.table.get_entity(key, OPEN)
+            except ResourceNotFoundError:
+                group = None
+            followers = [Follower.model_validate(f) for f in json.loads((group or {}).get("followers") or "[]")]
+            if group is None or (group["leader"] != item.call_id and item.call_id not in {f.call_id for f in followers}):
+                try:
+                    self.table.delete_entity(key, item.call_id)  # a call outside any group
+                except ResourceNotFoundError:
+                    pass
+                return None
+            if group["leader"] != item.call_id:  # it joined another call: leave that group
+                stay = [f for f in followers if f.call_id != item.call_id]
+                operations = [_merge({"PartitionKey": key, "RowKey": OPEN, "followers": _followers_text(stay)},
+                                     etag=group.metadata["etag"]), mine]
+                heir = None
+            elif not followers:
+                operations = [("delete", {"PartitionKey": key, "RowKey": OPEN},
+                               {"etag": group.metadata["etag"], "match_condition": MatchConditions.IfNotModified}),
+                              mine]
+                heir = None
+            else:  # accepted requests wait on this call: the first of them leads the group now
+                first, rest = followers[0], followers[1:]
+                operations = [
+                    _merge({"PartitionKey": key, "RowKey": OPEN, "leader": first.call_id,
+                            "followers": _followers_text(rest)}, etag=group.metadata["etag"]),
+                    _merge({"PartitionKey": key, "RowKey": first.call_id, "servedBy": ""}),
+                    *[_merge({"PartitionKey": key, "RowKey": f.call_id, "servedBy": first.call_id}) for f in rest],
+                    mine]
+                # openEtag "": it leads a group that already has followers, to be read when it goes out.
+                heir = item.model_copy(update={**first.model_dump(), "notBefore": None, "followers": [],
+                                               "openEtag": ""})
+            try:
+                self.table.submit_transaction(operations)
+            except TableTransactionError as exc:
+                if exc.status_code not in (404, 409, 412):
+                    raise
+                continue  # the group changed meanwhile: look again
+            return heir
+        log.warning("could not withdraw refused call %s: its group kept changing", item.call_id)
+        return None
 
     # -- the worker -----------------------------------------------------------------------------
 
@@ -224,16 +272,17 @@ class StatusStore:
         if item.openEtag is None:
             self.table.submit_transaction([_merge({**calling, "followers": _followers_text(item.followers)})])
             return item
-        try:
-            # Most groups have nobody waiting on them: the etag from intake still matches.
-            self.table.submit_transaction([
-                ("delete", {"PartitionKey": key, "RowKey": OPEN},
-                 {"etag": item.openEtag, "match_condition": MatchConditions.IfNotModified}),
-                _merge({**calling, "followers": "[]"})])
-            return item.model_copy(update={"openEtag": None, "followers": []})
-        except TableTransactionError as exc:
-            if exc.status_code not in (404, 412):
-                raise
+        if item.openEtag:
+            try:
+                # Most groups have nobody waiting on them: the etag of the row as created still matches.
+                self.table.submit_transaction([
+                    ("delete", {"PartitionKey": key, "RowKey": OPEN},
+                     {"etag": item.openEtag, "match_condition": MatchConditions.IfNotModified}),
+                    _merge({**calling, "followers": "[]"})])
+                return item.model_copy(update={"openEtag": None, "followers": []})
+            except TableTransactionError as exc:
+                if exc.status_code not in (404, 412):
+                    raise
         try:
             group = self.table.get_entity(key, OPEN)
         except ResourceNotFoundError:

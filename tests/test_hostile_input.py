@@ -72,8 +72,8 @@ class NoStatus:
     def record_requests(self, requests: Any) -> None:
         list(requests)
 
-    def forget(self, items: list[WorkItem]) -> None:
-        pass
+    def forget(self, items: list[WorkItem]) -> list[WorkItem]:
+        return []
 
 
 class FakeRuntime:

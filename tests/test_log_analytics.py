@@ -138,8 +138,12 @@ def test_row_of_the_api_pages_first_example():
     assert len(row["Steps"]) == 4 and all("name" in s and "status" in s for s in row["Steps"])
     assert len(row["ModifiedProperties"]) == 7 and "displayName" in row["ModifiedProperties"][0]
     assert row["Truncated"] is False
-    # Every column of the table is filled by a complete result; nothing outside it is sent.
-    assert set(row) == set(COLUMNS)
+    assert (row["Priority"], row["CallsSaved"]) == ("normal", 0)
+    # Every column of the table is filled by a complete result (ServedBy only on a request another
+    # call served); nothing outside it is sent.
+    assert set(row) == set(COLUMNS) - {"ServedBy"}
+    served = to_row(seed_result().model_copy(update={"servedBy": "req-1:0"}))
+    assert served["ServedBy"] == "req-1:0" and set(served) == set(COLUMNS)
 
 
 def test_row_of_a_failure_without_an_outcome_leaves_absent_values_out():
@@ -291,10 +295,10 @@ def kql_problems(text: str, columns) -> list[str]:
     return problems
 
 
-def test_the_five_queries_ship_and_are_documented():
+def test_the_queries_ship_and_are_documented():
     names = {q.stem for q in QUERIES}
     assert names == {"failures_by_error_code", "success_rate_per_job", "latency_percentiles",
-                     "throttling_and_retries", "still_failing_after_attempts"}
+                     "throttling_and_retries", "still_failing_after_attempts", "calls_saved_by_coalescing"}
     doc = (ROOT / "docs" / "log-analytics.md").read_text()
     for query in QUERIES:
         assert f"queries/{query.name}" in doc, query.name

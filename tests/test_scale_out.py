@@ -27,6 +27,8 @@ from shared.lease import QueueTokenStore, RateGate
 from simulators import start_simulators
 from tests.conftest import FAST, QueueCollector
 
+FINAL_STATES = {"succeeded", "skipped", "failed", "dead-lettered"}
+
 WINDOW, CALLS = 2.0, 5
 
 
@@ -61,6 +63,16 @@ class Cluster:
         response = self.post(body)
         assert response.status_code == 202, response.text
         return [r["requestId"] for r in response.json()["requests"]]
+
+    def final_states(self, ids: list[str], timeout: float) -> dict[str, str]:
+        """Each request's state from the status API, once all are final (or when time runs out)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            host = next(h for h in self.hosts if h.process.poll() is None)
+            states = {i: httpx.get(f"{host.url}/api/provision/{i}", timeout=10).json().get("state") for i in ids}
+            if all(s in FINAL_STATES for s in states.values()) or time.monotonic() > deadline:
+                return states
+            time.sleep(1)
 
     def wait_all(self, ids: list[str], timeout: float) -> dict[str, list[dict]]:
         wanted = set(ids)
@@ -168,6 +180,9 @@ def test_i2_sigkilled_hosts_lose_nothing_and_never_break_the_limit(azurite, tmp_
               f"max {c.sims.graph.max_in_window(WINDOW)} calls in any {WINDOW:g} s window")
         # At-least-once: a host killed after its call but before deleting the message repeats it.
         assert duplicates <= KILLS * 3
+        # Crash-safe status: every request's status ends final, whatever the kills interrupted.
+        states = c.final_states(ids, timeout=90)
+        assert set(states.values()) <= {"succeeded", "skipped"}, states
     finally:
         c.stop()
 

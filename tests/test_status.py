@@ -98,6 +98,29 @@ def test_a_refused_post_leaves_no_status_and_no_open_group(store):
     assert store.admit([later]) == [later]                   # nobody waits on a refused call
 
 
+def test_a_refused_call_that_others_joined_hands_its_group_to_the_first_of_them(store):
+    subject = user()
+    refused, first, second = item(subject), item(subject), item(subject)
+    store.admit([refused])
+    assert store.admit([first]) == [] and store.admit([second]) == []   # accepted elsewhere, joined it
+    [heir] = store.forget([refused])
+    assert (heir.requestId, heir.followers, heir.coalesceKey) == (first.requestId, [], refused.coalesceKey)
+    rows = {e["RowKey"]: e for e in store.table.query_entities("PartitionKey eq @k",
+                                                               parameters={"k": refused.coalesceKey})}
+    assert refused.call_id not in rows and rows[OPEN]["leader"] == first.call_id
+    assert rows[second.call_id]["servedBy"] == first.call_id and not rows[first.call_id]["servedBy"]
+    assert [f.requestId for f in store.start_call(heir).followers] == [second.requestId]
+
+
+def test_a_refused_call_that_joined_another_leaves_its_group(store):
+    subject = user()
+    leader, refused = item(subject), item(subject)
+    store.admit([leader])
+    store.admit([refused])
+    assert store.forget([refused]) == []
+    assert store.start_call(leader).followers == []
+
+
 def test_unknown_requests_read_as_none_and_stale_calls_as_stalled(store):
     assert store.read(str(uuid.uuid4()), 2.0, 30) is None
     stuck = item(user())
