@@ -94,14 +94,29 @@ def provision_http(body: bytes, headers: Mapping[str, str], rt: Runtime,
     return HttpReply(202, {"accepted": len(accepted), "requests": [a.summary() for a in accepted]}, work=work)
 
 
-def intake_message(raw: bytes | str, rt: Runtime) -> list[str]:
+class RetryLater(Exception):
+    """Raised to make the Functions host deliver the message again after host.json's
+    visibilityTimeout: the queue defers it, no function waits."""
+
+
+# As host.json's maxDequeueCount: the last delivery dead-letters with the reason instead of raising.
+INTAKE_DELIVERIES = 5
+TRANSIENT_INTAKE_CODES = {"SchemaUnavailable"}
+
+
+def intake_message(raw: bytes | str, rt: Runtime, delivery: int = 1) -> list[str]:
     """A message on the intake queue; returns the work due now for the output binding. Bad input
-    is dead-lettered at once: retrying cannot fix it."""
+    is dead-lettered at once: retrying cannot fix it. A job schema Graph could not serve just now
+    is retried through the queue, and dead-lettered (replayable) on the last delivery."""
     original = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
     try:
         accepted = accept(decode_queue_text(raw), rt.settings, rules=_rule_lookup(rt))
         work = _enqueue(accepted, rt)
     except RequestRejected as rejected:
+        if rejected.info.code in TRANSIENT_INTAKE_CODES and delivery < INTAKE_DELIVERIES:
+            log.warning("intake message deferred (%s), delivery %d of %d", rejected.info.code, delivery,
+                        INTAKE_DELIVERIES)
+            raise RetryLater(rejected.info.code) from None
         log.warning("intake message dead-lettered: %s", rejected.info.code)
         rt.queues.send_json(rt.settings.deadletter_queue, dead_letter_for(rejected, "intake", original))
         return []

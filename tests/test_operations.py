@@ -293,6 +293,42 @@ def test_a_queue_event_without_rule_is_dead_lettered_with_the_candidates(ops):
     assert letter["reason"]["details"][0]["candidates"][0]["ruleId"] == USERS_RULE["id"]
 
 
+def test_a_queue_event_whose_schema_is_briefly_unreadable_is_retried_through_the_queue(ops):
+    job = new_job()
+    ops.sims.graph.set_schema(EXAMPLE_SP, job, http_status=503)
+    ops.queue("INTAKE_QUEUE").send_message(json.dumps({"objectId": USER, "objectTypeName": "User", "jobId": job,
+                                                       "correlationId": "schema-later"}))
+    deadline = time.monotonic() + 30
+    while not [c for c in ops.sims.graph.calls() if c["route"] == "get_schema" and c["jobId"] == job]:
+        assert time.monotonic() < deadline, "the schema was never asked for"
+        time.sleep(0.2)
+    ops.sims.graph.set_schema(EXAMPLE_SP, job, [USERS_RULE])     # Graph serves it again
+    [result] = ops.results.wait_for(lambda m: m.get("correlationId") == "schema-later", timeout=60)
+    assert result["ruleId"] == USERS_RULE["id"]
+    assert not ops.deadletters.matching(lambda m: "schema-later" in m.get("original", ""))
+
+
+def test_the_last_delivery_of_an_intake_message_dead_letters_a_schema_that_stays_unreadable():
+    from unittest import mock
+
+    from shared import handlers
+    from tests.test_hostile_input import FakeRuntime
+
+    def unavailable(*_):
+        raise RequestRejected(503, "SchemaUnavailable", "the job's schema could not be read")
+
+    rt = FakeRuntime()
+    text = json.dumps({"objectId": USER, "objectTypeName": "User", "ruleId": None})
+    with mock.patch.object(handlers, "_rule_lookup", lambda rt: unavailable), \
+            mock.patch.object(rt.settings, "default_rule_id", None):
+        with pytest.raises(handlers.RetryLater):
+            handlers.intake_message(text, rt, delivery=1)
+        assert rt.queues.sent == []
+        assert handlers.intake_message(text, rt, delivery=handlers.INTAKE_DELIVERIES) == []
+    [(queue, letter)] = rt.queues.sent
+    assert letter["reason"]["code"] == "SchemaUnavailable" and letter["original"] == text
+
+
 def test_a_quarantined_job_is_reported_and_started_once_per_cooldown(ops):
     job = new_job()
     graph = ops.sims.graph
