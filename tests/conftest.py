@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+import uuid
 from typing import Any, Callable
 
 import pytest
@@ -115,3 +116,32 @@ def devhost(app_env, tmp_path_factory):
     host = start_devhost(app_env, log_dir=tmp_path_factory.mktemp("devhost"))
     yield host
     host.stop()
+
+
+class IsolatedHost:
+    """One devhost with queues, simulators, host id (and any extra settings) of its own, so that
+    what a module configures in the Graph simulator cannot disturb another module's checks."""
+
+    def __init__(self, azurite, log_dir, prefix: str, **settings: str):
+        suffix = uuid.uuid4().hex[:10]
+        self.queues = {"INTAKE_QUEUE": f"{prefix}-in-{suffix}", "WORK_QUEUE": f"{prefix}-work-{suffix}",
+                       "RESULTS_QUEUE": f"{prefix}-res-{suffix}", "DEADLETTER_QUEUE": f"{prefix}-dead-{suffix}",
+                       "LEASE_QUEUE": f"{prefix}-lease-{suffix}"}
+        self.connection = azurite.connection_string
+        self.sims = start_simulators(rate_calls=5, rate_window=2.0)
+        self.env = {"AzureWebJobsStorage": azurite.connection_string, **self.sims.env(), **FAST, **self.queues,
+                    "DEFAULT_SERVICE_PRINCIPAL_ID": EXAMPLE_SP, "DEFAULT_JOB_ID": EXAMPLE_JOB,
+                    "AzureFunctionsWebHost__hostid": f"{prefix}-{suffix}",
+                    "AzureFunctionsJobHost__extensions__queues__maxPollingInterval": "00:00:02", **settings}
+        self.host = start_devhost(self.env, log_dir=log_dir)
+        self.results = QueueCollector(azurite.connection_string, self.queues["RESULTS_QUEUE"])
+        self.deadletters = QueueCollector(azurite.connection_string, self.queues["DEADLETTER_QUEUE"])
+
+    def queue(self, setting: str) -> QueueClient:
+        return QueueClient.from_connection_string(self.connection, self.queues[setting])
+
+    def stop(self) -> None:
+        self.results.stop()
+        self.deadletters.stop()
+        self.host.stop()
+        self.sims.stop()

@@ -13,15 +13,14 @@ import httpx
 import pytest
 from azure.storage.queue import QueueClient
 
-from scripts.local_stack import EXAMPLE_JOB, EXAMPLE_SP, start_devhost
+from scripts.local_stack import EXAMPLE_JOB, EXAMPLE_SP
 from shared import dryrun, jobguard, rules
 from shared.errors import RequestRejected
 from shared.graph_client import GraphFailure, provision_path
 from shared.handlers import provision_http
 from shared.models import Outcome, Subject
 from shared.settings import Settings
-from simulators import start_simulators
-from tests.conftest import FAST, QueueCollector
+from tests.conftest import IsolatedHost
 
 USERS_RULE = {"id": "6c409270-f78a-4bc6-af23-7cf3ab6482fe", "name": "USER_TO_SCIM",
               "sourceDirectoryName": "Azure Active Directory", "targetDirectoryName": "customappsso",
@@ -165,29 +164,13 @@ def test_the_start_guard_lets_one_instance_start_per_cooldown(azurite):
 
 
 # -- end to end through a devhost --------------------------------------------------------------------
-class OpsHost:
+class OpsHost(IsolatedHost):
     def __init__(self, azurite, log_dir):
-        suffix = uuid.uuid4().hex[:10]
-        self.queues = {"INTAKE_QUEUE": f"ops-in-{suffix}", "WORK_QUEUE": f"ops-work-{suffix}",
-                       "RESULTS_QUEUE": f"ops-res-{suffix}", "DEADLETTER_QUEUE": f"ops-dead-{suffix}",
-                       "LEASE_QUEUE": f"ops-lease-{suffix}"}
-        self.connection = azurite.connection_string
-        self.sims = start_simulators(rate_calls=5, rate_window=2.0)
-        env = {"AzureWebJobsStorage": azurite.connection_string, **self.sims.env(), **FAST, **self.queues,
-               "DEFAULT_SERVICE_PRINCIPAL_ID": EXAMPLE_SP, "DEFAULT_JOB_ID": EXAMPLE_JOB,
-               "AUTO_START_QUARANTINED_JOB": "true", "AUTO_START_COOLDOWN_SECONDS": "3600",
-               "AzureFunctionsWebHost__hostid": f"ops-{suffix}",
-               "AzureFunctionsJobHost__extensions__queues__maxPollingInterval": "00:00:02"}
-        self.env = env
-        self.host = start_devhost(env, log_dir=log_dir)
-        self.results = QueueCollector(azurite.connection_string, self.queues["RESULTS_QUEUE"])
-        self.deadletters = QueueCollector(azurite.connection_string, self.queues["DEADLETTER_QUEUE"])
+        super().__init__(azurite, log_dir, "ops", AUTO_START_QUARANTINED_JOB="true",
+                         AUTO_START_COOLDOWN_SECONDS="3600")
 
     def post(self, body, **params) -> httpx.Response:
         return httpx.post(f"{self.host.url}/api/provision", json=body, params=params, timeout=30)
-
-    def queue(self, setting: str) -> QueueClient:
-        return QueueClient.from_connection_string(self.connection, self.queues[setting])
 
     def result_of(self, body, timeout: float = 60) -> dict:
         response = self.post(body)
@@ -195,12 +178,6 @@ class OpsHost:
         [accepted] = response.json()["requests"]
         [result] = self.results.wait_for(lambda m: m.get("requestId") == accepted["requestId"], timeout=timeout)
         return result
-
-    def stop(self) -> None:
-        self.results.stop()
-        self.deadletters.stop()
-        self.host.stop()
-        self.sims.stop()
 
 
 @pytest.fixture(scope="module")

@@ -5,21 +5,20 @@ from __future__ import annotations
 
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import datetime
 
 import httpx
 import pytest
 from azure.data.tables import TableClient
 from azure.storage.queue import QueueClient
 
-from scripts.local_stack import EXAMPLE_JOB, EXAMPLE_RULE, EXAMPLE_SP, start_devhost
+from scripts.local_stack import EXAMPLE_JOB, EXAMPLE_RULE, EXAMPLE_SP
 from shared import poison
 from shared.models import Subject, WorkItem, utcnow
 from shared.runtime import build_runtime
 from shared.settings import Settings
 from shared.status import CALLING, OPEN, QUEUED, StatusStore, group_key
-from simulators import start_simulators
-from tests.conftest import FAST, QueueCollector
+from tests.conftest import IsolatedHost
 
 
 def user() -> str:
@@ -139,21 +138,10 @@ def test_unknown_requests_read_as_none_and_stale_calls_as_stalled(store):
 
 
 # -- end to end through a devhost -------------------------------------------------------------------
-class StatusHost:
+class StatusHost(IsolatedHost):
     def __init__(self, azurite, log_dir):
-        suffix = uuid.uuid4().hex[:10]
-        self.queues = {"INTAKE_QUEUE": f"st-in-{suffix}", "WORK_QUEUE": f"st-work-{suffix}",
-                       "RESULTS_QUEUE": f"st-res-{suffix}", "DEADLETTER_QUEUE": f"st-dead-{suffix}",
-                       "LEASE_QUEUE": f"st-lease-{suffix}", "STATUS_TABLE": f"st{suffix}"}
-        self.connection = azurite.connection_string
-        self.sims = start_simulators(rate_calls=5, rate_window=2.0)
-        self.env = {"AzureWebJobsStorage": azurite.connection_string, **self.sims.env(), **FAST, **self.queues,
-                    "DEFAULT_SERVICE_PRINCIPAL_ID": EXAMPLE_SP, "DEFAULT_JOB_ID": EXAMPLE_JOB,
-                    "DEFAULT_RULE_ID": EXAMPLE_RULE, "AzureFunctionsWebHost__hostid": f"st-{suffix}",
-                    "AzureFunctionsJobHost__extensions__queues__maxPollingInterval": "00:00:02"}
-        self.host = start_devhost(self.env, log_dir=log_dir)
-        self.results = QueueCollector(azurite.connection_string, self.queues["RESULTS_QUEUE"])
-        self.deadletters = QueueCollector(azurite.connection_string, self.queues["DEADLETTER_QUEUE"])
+        super().__init__(azurite, log_dir, "st", DEFAULT_RULE_ID=EXAMPLE_RULE,
+                         STATUS_TABLE=f"st{uuid.uuid4().hex[:10]}")
 
     def post(self, body) -> list[str]:
         response = httpx.post(f"{self.host.url}/api/provision", json=body, timeout=30)
@@ -179,12 +167,6 @@ class StatusHost:
 
     def result(self, request_id: str, timeout: float = 60) -> dict:
         return self.results.wait_for(lambda m: m.get("requestId") == request_id, timeout=timeout)[0]
-
-    def stop(self) -> None:
-        self.results.stop()
-        self.deadletters.stop()
-        self.host.stop()
-        self.sims.stop()
 
 
 @pytest.fixture(scope="module")
