@@ -76,7 +76,7 @@ def main() -> None:
                   f"curl -s --cacert {logs_sim.cert_file} {logs_sim.endpoint}/_sim/rows)", flush=True)
         print(f"""
 Everything runs on loopback:
-  Azurite (queues)      {azurite.queue_endpoint}
+  Azurite (queues)      {azurite.queue_endpoint}  (tables on port {azurite.table_port})
   Graph simulator       {sim_env['GRAPH_ENDPOINT']}
   Managed identity      {sim_env['IDENTITY_ENDPOINT']}
   Function app          http://127.0.0.1:{args.port}/api/provision   (log: {stack.hosts[0].log_path})
@@ -86,8 +86,10 @@ Send a first event (the API page's example user):
   curl -s -X POST http://127.0.0.1:{args.port}/api/provision -H 'Content-Type: application/json' \\
        -d '{{"objectId": "9bb0f679-a883-4a6f-8260-35b491b8b8c8", "objectTypeName": "User"}}'
 
-Then read the decoded result from the provision-results queue:
+Then ask where it stands (the requestId is in the answer), or read the decoded result from the
+provision-results queue:
 
+  curl -s http://127.0.0.1:{args.port}/api/provision/<requestId>
   .venv/bin/python -m scripts.results --connection '{azurite.connection_string}'
 
 Ctrl-C stops everything.""", flush=True)
