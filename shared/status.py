@@ -153,9 +153,12 @@ class StatusStore:
             except ResourceNotFoundError:
                 continue  # its call went out meanwhile: lead a new group
             followers = json.loads(group.get("followers") or "[]")
-            if (self.clock() - float(group.get("openedAt") or 0) > self.max_join_age
-                    or len(followers) >= MAX_FOLLOWERS):
-                break  # a leader that never went out (its host died at intake), or a full group
+            if self._leader_lost(group, key):
+                if self._take_over(item, group, row, followers):
+                    return False
+                continue
+            if len(followers) >= MAX_FOLLOWERS:
+                break
             followers.append(Follower(**item.model_dump(include=set(Follower.model_fields))).model_dump(mode="json"))
             try:
                 self.table.submit_transaction([
@@ -169,6 +172,39 @@ class StatusStore:
                     raise
         self.table.upsert_entity(row)  # a call of its own, outside any group
         return False
+
+    def _leader_lost(self, group: dict[str, Any], key: str) -> bool:
+        """A leader whose host died at intake (after admit, before its work was queued) never goes
+        out: once its slot is well past and it is still queued, nobody may wait on it."""
+        age = self.clock() - float(group.get("openedAt") or 0)
+        if age > self.max_join_age:
+            return True
+        if age < DUE_GRACE_SECONDS:
+            return False  # its intake may still be under way
+        slot = self._booked_slot(group["leader"], key)
+        if slot is None:
+            return True  # its request was never recorded: the intake failed
+        leader = self._row(key, group["leader"]) or {}
+        return leader.get("state", QUEUED) == QUEUED and self.clock() - slot > DUE_GRACE_SECONDS
+
+    def _take_over(self, item: WorkItem, group: dict[str, Any], row: dict[str, Any], followers: list) -> bool:
+        """Lead a group whose leader was lost, keeping the requests that joined it."""
+        key = item.coalesceKey
+        try:
+            self.table.submit_transaction([
+                _merge({"PartitionKey": key, "RowKey": OPEN, "leader": item.call_id, "openedAt": self.clock()},
+                       etag=group.metadata["etag"]),
+                ("create", row),
+                *[_merge({"PartitionKey": key, "RowKey": f["requestId"] + ":" + str(f["callIndex"]),
+                          "servedBy": item.call_id}) for f in followers]])
+        except TableTransactionError as exc:
+            if exc.status_code not in (404, 409, 412):
+                raise
+            return False
+        log.warning("call %s leads the group of lost call %s (%d waiting)", item.call_id, group["leader"],
+                    len(followers))
+        item.openEtag = ""  # the group it leads has followers to read when it goes out
+        return True
 
     def record_requests(self, requests: Iterable[tuple[str, str | None, str, list[WorkItem]]]) -> None:
         """One row per request (requestId, correlationId, priority, calls), once slots are booked.

@@ -441,8 +441,8 @@ class TestQueues:
         assert json.loads(unb64(result)) == {"body": "job-1 ü", "id": message_id, "dequeue_count": 1,
                                              "pid": main_host.process.pid}
         wait_for(lambda: not queues.peek(main_host.settings["WORK_QUEUE"]), 10, "the message to be deleted")
-        assert f"Queue '{main_host.settings['WORK_QUEUE']}' message {message_id} for 'Functions.work': " \
-               "dequeue count 1, succeeded" in main_host.log()
+        wait_for(lambda: f"Queue '{main_host.settings['WORK_QUEUE']}' message {message_id} for 'Functions.work': "
+                         "dequeue count 1, succeeded" in main_host.log(), 5, "the success log line")
 
     def test_failing_function_is_retried_then_poisoned(self, main_host: DevHost, queues: Queues) -> None:
         fail_queue = main_host.settings["FAIL_QUEUE"]
@@ -450,7 +450,11 @@ class TestQueues:
         poisoned = wait_for(lambda: queues.peek(f"{fail_queue}-poison"), 20, "the poison message")
         assert poisoned == [b64("doomed")]  # copied unchanged, still base64
         assert queues.peek(fail_queue) == []
-        lines = [line for line in main_host.log().splitlines() if f"message {message_id} for" in line]
+
+        def settled() -> list[str]:
+            lines = [line for line in main_host.log().splitlines() if f"message {message_id} for" in line]
+            return lines if len(lines) >= 3 else []
+        lines = wait_for(settled, 5, "the poison move's log line")  # logged just after the move
         assert len(lines) == 3, lines  # maxDequeueCount 3 in tests/devhost_app/host.json
         assert "dequeue count 1, failed, retry in 0s" in lines[0]
         assert "dequeue count 2, failed, retry in 0s" in lines[1]
@@ -462,9 +466,10 @@ class TestQueues:
         work = main_host.settings["WORK_QUEUE"]
         message_id = queues.send(work, "this is not base64!")
         assert wait_for(lambda: queues.peek(f"{work}-poison"), 20, "the poison message") == ["this is not base64!"]
-        log = main_host.log()
+        # The host logs the move just after making it: wait for the line rather than race it.
+        settled = f"message {message_id} for 'Functions.work': dequeue count 3"
+        log = wait_for(lambda: settled in main_host.log() and main_host.log(), 5, "the poison move's log line")
         assert f"message {message_id} cannot be decoded (messageEncoding=base64)" in log
-        assert f"message {message_id} for 'Functions.work': dequeue count 3" in log
 
     def test_encoding_none_both_ways(self, plain_host: DevHost, queues: Queues) -> None:
         message_id = queues.send(plain_host.settings["WORK_QUEUE"], "plain text ü, not base64")

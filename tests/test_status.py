@@ -111,6 +111,20 @@ def test_a_refused_call_that_others_joined_hands_its_group_to_the_first_of_them(
     assert [f.requestId for f in store.start_call(heir).followers] == [second.requestId]
 
 
+def test_a_leader_lost_at_intake_is_replaced_and_its_followers_are_served(store):
+    subject = user()
+    lost, joined = item(subject), item(subject)
+    store.admit([lost])                                      # its host died before queueing it
+    store.admit([joined])
+    store.record_requests([(joined.requestId, None, "normal", [joined])])
+    later = time.time() + 600
+    store.clock = lambda: later
+    newcomer = item(subject)
+    assert store.admit([newcomer]) == [newcomer]             # leads: nobody waits on a lost call
+    assert [f.requestId for f in store.start_call(newcomer).followers] == [joined.requestId]
+    assert store.read(joined.requestId, 2.0, 30).calls[0].servedBy == newcomer.call_id
+
+
 def test_a_refused_call_that_joined_another_leaves_its_group(store):
     subject = user()
     leader, refused = item(subject), item(subject)
