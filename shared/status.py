@@ -324,9 +324,11 @@ class StatusStore:
         except ResourceNotFoundError:
             group = None
         if group is None or group.get("leader") != item.call_id:
-            # This message ran before and closed its group then: its followers are on its row.
-            own = self.table.get_entity(key, item.call_id)
+            # Either this message ran before and closed its group then (its followers are on its
+            # row), or it was taken for lost and another call leads its group now (none are).
+            own = self._row(key, item.call_id) or {}
             followers = [Follower.model_validate(f) for f in json.loads(own.get("followers") or "[]")]
+            self.table.submit_transaction([_merge({**calling, "followers": _followers_text(followers)})])
             return item.model_copy(update={"openEtag": None, "followers": followers})
         followers = [Follower.model_validate(f) for f in json.loads(group.get("followers") or "[]")]
         try:

@@ -75,9 +75,11 @@ def test_a_redelivered_message_finds_its_followers_on_its_own_row(store):
     store.admit([first])
     store.admit([second])
     original = first.model_copy(deep=True)                   # the message as it was on the queue
-    store.start_call(first)                                  # ... the host died after this
+    store.start_call(first)                                  # ... the run ended, but the message stayed
+    store.table.upsert_entity({"PartitionKey": first.coalesceKey, "RowKey": first.call_id, "state": "succeeded"})
     again = store.start_call(original)
     assert [f.requestId for f in again.followers] == [second.requestId]
+    assert store.table.get_entity(first.coalesceKey, first.call_id)["state"] == CALLING   # the call is made again
 
 
 def test_high_and_normal_requests_for_one_subject_do_not_join(store):
