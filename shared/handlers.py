@@ -45,7 +45,7 @@ def _enqueue(accepted: list[AcceptedRequest], rt: Runtime) -> list[str]:
     try:
         leaders = rt.status.admit(items)
         work = place(leaders, rt, max_wait=limit)
-    except BaseException as exc:
+    except Exception as exc:
         _withdraw(items, rt)
         if not isinstance(exc, TooLong):
             raise

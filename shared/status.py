@@ -209,16 +209,17 @@ class StatusStore:
     def record_requests(self, requests: Iterable[tuple[str, str | None, str, list[WorkItem]]]) -> None:
         """One row per request (requestId, correlationId, priority, calls), once slots are booked.
         Best effort: the calls are queued by now, and a missing row only makes the status API answer 404."""
+        rows = []
+        for request_id, correlation_id, priority, items in requests:
+            calls = [[item.callIndex, item.coalesceKey, item.notBefore] for item in items]
+            rows += [{"PartitionKey": request_id, "RowKey": REQUEST if part == 0 else f"{REQUEST}.{part}",
+                      "correlationId": correlation_id, "priority": priority, "callCount": len(calls),
+                      "receivedAt": items[0].receivedAt.isoformat() if items else None,
+                      "calls": json.dumps(calls[start:start + CALLS_PER_REQUEST_ROW])}
+                     for part, start in enumerate(range(0, len(calls), CALLS_PER_REQUEST_ROW))]
         try:
-            for request_id, correlation_id, priority, items in requests:
-                calls = [[item.callIndex, item.coalesceKey, item.notBefore] for item in items]
-                for part, start in enumerate(range(0, len(calls), CALLS_PER_REQUEST_ROW)):
-                    self.table.upsert_entity({
-                        "PartitionKey": request_id, "RowKey": REQUEST if part == 0 else f"{REQUEST}.{part}",
-                        "correlationId": correlation_id, "priority": priority, "callCount": len(calls),
-                        "receivedAt": items[0].receivedAt.isoformat() if items else None,
-                        "calls": json.dumps(calls[start:start + CALLS_PER_REQUEST_ROW]),
-                    })
+            with ThreadPoolExecutor(max_workers=min(PARALLEL, len(rows)) or 1) as pool:
+                list(pool.map(self.table.upsert_entity, rows))
         except AzureError as exc:
             log.warning("request status not recorded: %s", type(exc).__name__)
 
