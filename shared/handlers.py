@@ -64,6 +64,7 @@ def _withdraw(items: list, rt: Runtime) -> None:
     heirs = rt.status.forget(items)
     if heirs:
         place_now(heirs, rt)
+        rt.status.booked(heirs)
 
 
 def _status_unavailable() -> RequestRejected:

@@ -343,6 +343,12 @@ class StatusStore:
             return None  # another call joined meanwhile: read the group again
         return item.model_copy(update={"openEtag": None, "followers": followers})
 
+    def booked(self, items: list[WorkItem]) -> None:
+        """The slots of calls booked after their request row was written (a group handed over)."""
+        for item in items:
+            self._best_effort(f"slot of {item.call_id}", [_merge({
+                "PartitionKey": item.coalesceKey, "RowKey": item.call_id, "eta": item.notBefore})])
+
     def waiting(self, item: WorkItem, reason: str) -> None:
         """The call was put back to wait for a later slot (capacity, throttling, an outage)."""
         if item.coalesceKey is None:

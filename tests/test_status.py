@@ -110,6 +110,10 @@ def test_a_refused_call_that_others_joined_hands_its_group_to_the_first_of_them(
                                                                parameters={"k": refused.coalesceKey})}
     assert refused.call_id not in rows and rows[OPEN]["leader"] == first.call_id
     assert rows[second.call_id]["servedBy"] == first.call_id and not rows[first.call_id]["servedBy"]
+    heir.notBefore = time.time() + 30                        # booked by the intake that withdrew
+    store.booked([heir])
+    store.record_requests([(r.requestId, None, "normal", [r]) for r in (first, second)])
+    assert [store.read(r.requestId, 2.0, 30).calls[0].etaSeconds > 25 for r in (first, second)] == [True, True]
     assert [f.requestId for f in store.start_call(heir).followers] == [second.requestId]
 
 
