@@ -36,7 +36,7 @@ import time
 import uuid
 from collections import Counter, deque
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 from urllib.parse import parse_qs, unquote
 
 from .httpbase import SimHandler, SimServer, parse_json_body
@@ -523,72 +523,11 @@ class _GraphHandler(SimHandler):
             self.send_json(400, {"error": f"bad admin body: {exc}"})
             return
         try:
-            if path == "/_sim/calls" and method == "GET":
-                self.send_json(200, sim.calls())
-            elif path == "/_sim/calls" and method == "DELETE":
-                sim.reset_calls()
-                self.send_json(200, sim.stats())
-            elif path == "/_sim/stats" and method == "GET":
-                self.send_json(200, sim.stats())
-            elif path == "/_sim/max_in_window" and method == "GET":
-                q = {k: v[-1] for k, v in parse_qs(query).items()}
-                window = float(q["window"]) if "window" in q else None
-                counted_only = q.get("counted_only", "0").lower() in ("1", "true", "yes")
-                self.send_json(200, {"max_in_window": sim.max_in_window(window, counted_only=counted_only),
-                                     "window": sim.rate_window if window is None else window})
-            elif path == "/_sim/script" and method == "GET":
-                self.send_json(200, sim.pending_script())
-            elif path == "/_sim/script" and method == "DELETE":
-                sim.clear_script()
-                self.send_json(200, sim.pending_script())
-            elif path == "/_sim/script" and method == "POST":
-                if not isinstance(body, dict):
-                    raise ValueError("JSON object expected")
-                if "script" in body:
-                    if body.get("replace"):
-                        sim.set_script(body["script"])
-                    else:
-                        for object_id, answers in body["script"].items():
-                            sim.script(object_id, *answers)
-                else:
-                    answers = body.get("answers")
-                    if answers is None:
-                        answers = [body["answer"]]
-                    sim.script(body.get("objectId", "*"), *answers)
-                self.send_json(200, sim.pending_script())
-            elif path == "/_sim/config" and method == "GET":
-                self.send_json(200, sim.config())
-            elif path == "/_sim/config" and method == "POST":
-                if not isinstance(body, dict):
-                    raise ValueError("JSON object expected")
-                self.send_json(200, sim.configure(**body))
-            elif path == "/_sim/jobs" and method == "GET":
-                self.send_json(200, sim.configured_jobs())
-            elif path == "/_sim/jobs" and method == "DELETE":
-                sim.clear_jobs()
-                self.send_json(200, sim.configured_jobs())
-            elif path == "/_sim/jobs" and method == "POST":
-                # {"servicePrincipalId", "jobId", "code", "quarantine"?, "templateId"?, "schedule"?, "httpStatus"?}
-                if not isinstance(body, dict):
-                    raise ValueError("JSON object expected")
-                self.send_json(200, sim.set_job(
-                    body["servicePrincipalId"], body["jobId"], code=body.get("code", "Active"),
-                    quarantine=body.get("quarantine"), template_id=body.get("templateId"),
-                    schedule=body.get("schedule"), http_status=body.get("httpStatus")))
-            elif path == "/_sim/schemas" and method == "DELETE":
-                sim.clear_schemas()
-                self.send_json(200, sim.configured_schemas())
-            elif path == "/_sim/schemas" and method == "GET":
-                self.send_json(200, sim.configured_schemas())
-            elif path == "/_sim/schemas" and method == "POST":
-                # {"servicePrincipalId", "jobId", "synchronizationRules"?, "httpStatus"?}
-                if not isinstance(body, dict):
-                    raise ValueError("JSON object expected")
-                self.send_json(200, sim.set_schema(body["servicePrincipalId"], body["jobId"],
-                                                   body.get("synchronizationRules"),
-                                                   http_status=body.get("httpStatus")))
-            else:
+            route = ADMIN_ROUTES.get((path, method))
+            if route is None:
                 self.send_json(404, {"error": f"No admin route {method} {path}"})
+            else:
+                self.send_json(200, route(sim, body, {k: v[-1] for k, v in parse_qs(query).items()}))
         except (KeyError, TypeError, ValueError) as exc:
             self.send_json(400, {"error": f"{exc.__class__.__name__}: {exc}"})
 
@@ -872,3 +811,62 @@ class _GraphHandler(SimHandler):
                                          base_headers["client-request-id"])).encode("utf-8")
         sim._update(record, status=status)
         self.send_bytes(status, raw, content_type="application/json", headers=headers)
+
+
+def _object(body: Any) -> dict[str, Any]:
+    if not isinstance(body, dict):
+        raise ValueError("JSON object expected")
+    return body
+
+
+def _add_script(sim: GraphSimulator, body: Any) -> dict[str, Any]:
+    body = _object(body)
+    if "script" in body:
+        if body.get("replace"):
+            sim.set_script(body["script"])
+        else:
+            for object_id, answers in body["script"].items():
+                sim.script(object_id, *answers)
+    else:
+        answers = body.get("answers")
+        sim.script(body.get("objectId", "*"), *(answers if answers is not None else [body["answer"]]))
+    return sim.pending_script()
+
+
+def _max_in_window(sim: GraphSimulator, query: dict[str, str]) -> dict[str, Any]:
+    window = float(query["window"]) if "window" in query else None
+    counted_only = query.get("counted_only", "0").lower() in ("1", "true", "yes")
+    return {"max_in_window": sim.max_in_window(window, counted_only=counted_only),
+            "window": sim.rate_window if window is None else window}
+
+
+def _then(action: Callable[[GraphSimulator], Any], answer: Callable[[GraphSimulator], Any]):
+    return lambda sim, body, query: (action(sim), answer(sim))[1]
+
+
+# (path, method) -> fn(simulator, body, query) giving the JSON answer. Each collection answers its
+# current content after a change, so a test can check what it configured in one round trip.
+ADMIN_ROUTES: dict[tuple[str, str], Callable[[GraphSimulator, Any, dict[str, str]], Any]] = {
+    ("/_sim/calls", "GET"): lambda sim, body, query: sim.calls(),
+    ("/_sim/calls", "DELETE"): _then(GraphSimulator.reset_calls, GraphSimulator.stats),
+    ("/_sim/stats", "GET"): lambda sim, body, query: sim.stats(),
+    ("/_sim/max_in_window", "GET"): lambda sim, body, query: _max_in_window(sim, query),
+    ("/_sim/script", "GET"): lambda sim, body, query: sim.pending_script(),
+    ("/_sim/script", "DELETE"): _then(GraphSimulator.clear_script, GraphSimulator.pending_script),
+    ("/_sim/script", "POST"): lambda sim, body, query: _add_script(sim, body),
+    ("/_sim/config", "GET"): lambda sim, body, query: sim.config(),
+    ("/_sim/config", "POST"): lambda sim, body, query: sim.configure(**_object(body)),
+    ("/_sim/jobs", "GET"): lambda sim, body, query: sim.configured_jobs(),
+    ("/_sim/jobs", "DELETE"): _then(GraphSimulator.clear_jobs, GraphSimulator.configured_jobs),
+    # {"servicePrincipalId", "jobId", "code", "quarantine"?, "templateId"?, "schedule"?, "httpStatus"?}
+    ("/_sim/jobs", "POST"): lambda sim, body, query: sim.set_job(
+        _object(body)["servicePrincipalId"], body["jobId"], code=body.get("code", "Active"),
+        quarantine=body.get("quarantine"), template_id=body.get("templateId"),
+        schedule=body.get("schedule"), http_status=body.get("httpStatus")),
+    ("/_sim/schemas", "GET"): lambda sim, body, query: sim.configured_schemas(),
+    ("/_sim/schemas", "DELETE"): _then(GraphSimulator.clear_schemas, GraphSimulator.configured_schemas),
+    # {"servicePrincipalId", "jobId", "synchronizationRules"?, "httpStatus"?}
+    ("/_sim/schemas", "POST"): lambda sim, body, query: sim.set_schema(
+        _object(body)["servicePrincipalId"], body["jobId"], body.get("synchronizationRules"),
+        http_status=body.get("httpStatus")),
+}
