@@ -9,7 +9,7 @@ from typing import Any, Mapping
 from . import dryrun, poison
 from .errors import RequestRejected
 from .dispatch import place, place_now
-from .models import GUID_RE
+from .models import GUID_RE, WorkItem
 from .intake import AcceptedRequest, accept, check_http_request, dead_letter_for, decode_queue_text
 from .rules import RuleResolver, cache_for
 from .runtime import Runtime
@@ -59,7 +59,7 @@ def _enqueue(accepted: list[AcceptedRequest], rt: Runtime) -> list[str]:
     return work
 
 
-def _withdraw(items: list, rt: Runtime) -> None:
+def _withdraw(items: list[WorkItem], rt: Runtime) -> None:
     # Requests accepted earlier may have joined these calls meanwhile: their calls are still made.
     heirs = rt.status.forget(items)
     if heirs:

@@ -79,6 +79,15 @@ def _merge(row: dict[str, Any], etag: str | None = None) -> tuple:
     return ("update" if etag is not None else "upsert", row, options)
 
 
+def _delete_if_unchanged(key: str, row_key: str, etag: str) -> tuple:
+    return ("delete", {"PartitionKey": key, "RowKey": row_key},
+            {"etag": etag, "match_condition": MatchConditions.IfNotModified})
+
+
+def _followers_of(row: dict[str, Any] | None) -> list[Follower]:
+    return [Follower.model_validate(f) for f in json.loads((row or {}).get("followers") or "[]")]
+
+
 def _result_text(result: ResultMessage) -> str:
     return fit_for_queue(result, limit=RESULT_CHARS)
 
@@ -152,17 +161,17 @@ class StatusStore:
                 group = self.table.get_entity(key, OPEN)
             except ResourceNotFoundError:
                 continue  # its call went out meanwhile: lead a new group
-            followers = json.loads(group.get("followers") or "[]")
+            followers = _followers_of(group)
             if self._leader_lost(group, key):
                 if self._take_over(item, group, row, followers):
                     return False
                 continue
             if len(followers) >= MAX_FOLLOWERS:
                 break
-            followers.append(Follower(**item.model_dump(include=set(Follower.model_fields))).model_dump(mode="json"))
+            joined = [*followers, Follower(**item.model_dump(include=set(Follower.model_fields)))]
             try:
                 self.table.submit_transaction([
-                    _merge({"PartitionKey": key, "RowKey": OPEN, "followers": json.dumps(followers)},
+                    _merge({"PartitionKey": key, "RowKey": OPEN, "followers": _followers_text(joined)},
                            etag=group.metadata["etag"]),
                     ("create", {**row, "servedBy": group["leader"]}),
                 ])
@@ -187,7 +196,8 @@ class StatusStore:
         leader = self._row(key, group["leader"]) or {}
         return leader.get("state", QUEUED) == QUEUED and self.clock() - slot > DUE_GRACE_SECONDS
 
-    def _take_over(self, item: WorkItem, group: dict[str, Any], row: dict[str, Any], followers: list) -> bool:
+    def _take_over(self, item: WorkItem, group: dict[str, Any], row: dict[str, Any],
+                   followers: list[Follower]) -> bool:
         """Lead a group whose leader was lost, keeping the requests that joined it."""
         key = item.coalesceKey
         try:
@@ -195,8 +205,7 @@ class StatusStore:
                 _merge({"PartitionKey": key, "RowKey": OPEN, "leader": item.call_id, "openedAt": self.clock()},
                        etag=group.metadata["etag"]),
                 ("create", row),
-                *[_merge({"PartitionKey": key, "RowKey": f["requestId"] + ":" + str(f["callIndex"]),
-                          "servedBy": item.call_id}) for f in followers]])
+                *[_merge({"PartitionKey": key, "RowKey": f.call_id, "servedBy": item.call_id}) for f in followers]])
         except TableTransactionError as exc:
             if exc.status_code not in (404, 409, 412):
                 raise
@@ -247,7 +256,7 @@ class StatusStore:
                 group = self.table.get_entity(key, OPEN)
             except ResourceNotFoundError:
                 group = None
-            followers = [Follower.model_validate(f) for f in json.loads((group or {}).get("followers") or "[]")]
+            followers = _followers_of(group)
             if group is None or (group["leader"] != item.call_id and item.call_id not in {f.call_id for f in followers}):
                 try:
                     self.table.delete_entity(key, item.call_id)  # a call outside any group
@@ -260,9 +269,7 @@ class StatusStore:
                                      etag=group.metadata["etag"]), mine]
                 heir = None
             elif not followers:
-                operations = [("delete", {"PartitionKey": key, "RowKey": OPEN},
-                               {"etag": group.metadata["etag"], "match_condition": MatchConditions.IfNotModified}),
-                              mine]
+                operations = [_delete_if_unchanged(key, OPEN, group.metadata["etag"]), mine]
                 heir = None
             else:  # accepted requests wait on this call: the first of them leads the group now
                 first, rest = followers[0], followers[1:]
@@ -309,17 +316,9 @@ class StatusStore:
         if item.openEtag is None:
             self.table.submit_transaction([_merge({**calling, "followers": _followers_text(item.followers)})])
             return item
-        if item.openEtag:
-            try:
-                # Most groups have nobody waiting on them: the etag of the row as created still matches.
-                self.table.submit_transaction([
-                    ("delete", {"PartitionKey": key, "RowKey": OPEN},
-                     {"etag": item.openEtag, "match_condition": MatchConditions.IfNotModified}),
-                    _merge({**calling, "followers": "[]"})])
-                return item.model_copy(update={"openEtag": None, "followers": []})
-            except TableTransactionError as exc:
-                if exc.status_code not in (404, 412):
-                    raise
+        # Most groups have nobody waiting on them: the etag of the open row as created still matches.
+        if item.openEtag and self._close_group(key, item.openEtag, calling, []):
+            return item.model_copy(update={"openEtag": None, "followers": []})
         try:
             group = self.table.get_entity(key, OPEN)
         except ResourceNotFoundError:
@@ -327,21 +326,24 @@ class StatusStore:
         if group is None or group.get("leader") != item.call_id:
             # Either this message ran before and closed its group then (its followers are on its
             # row), or it was taken for lost and another call leads its group now (none are).
-            own = self._row(key, item.call_id) or {}
-            followers = [Follower.model_validate(f) for f in json.loads(own.get("followers") or "[]")]
+            followers = _followers_of(self._row(key, item.call_id))
             self.table.submit_transaction([_merge({**calling, "followers": _followers_text(followers)})])
             return item.model_copy(update={"openEtag": None, "followers": followers})
-        followers = [Follower.model_validate(f) for f in json.loads(group.get("followers") or "[]")]
+        followers = _followers_of(group)
+        if not self._close_group(key, group.metadata["etag"], calling, followers):
+            return None  # another call joined meanwhile: read the group again
+        return item.model_copy(update={"openEtag": None, "followers": followers})
+
+    def _close_group(self, key: str, etag: str, calling: dict[str, Any], followers: list[Follower]) -> bool:
+        """Delete the open row if it is as read, and stamp the call calling with its followers."""
         try:
-            self.table.submit_transaction([
-                ("delete", {"PartitionKey": key, "RowKey": OPEN},
-                 {"etag": group.metadata["etag"], "match_condition": MatchConditions.IfNotModified}),
-                _merge({**calling, "followers": _followers_text(followers)})])
+            self.table.submit_transaction([_delete_if_unchanged(key, OPEN, etag),
+                                           _merge({**calling, "followers": _followers_text(followers)})])
         except TableTransactionError as exc:
             if exc.status_code not in (404, 412):
                 raise
-            return None  # another call joined meanwhile: read the group again
-        return item.model_copy(update={"openEtag": None, "followers": followers})
+            return False
+        return True
 
     def booked(self, items: list[WorkItem]) -> None:
         """The slots of calls booked after their request row was written (a group handed over)."""
