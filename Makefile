@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 TOOLS := .venv-tools
 
-.PHONY: setup run test bench bench-full reliability clean
+.PHONY: setup run test test-fast bench bench-full reliability clean
 
 setup: $(VENV)/.installed node_modules/.installed
 
@@ -13,7 +13,7 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
 	touch $@
 
-# checkov (tests/test_infra.py) pins packaging<24 while pytest needs >=24: it gets a venv of its own.
+# checkov (tests/integration/test_infra.py) pins packaging<24 while pytest needs >=24: it gets a venv of its own.
 $(TOOLS)/.installed: requirements-tools.txt
 	$(PYTHON) -m venv $(TOOLS)
 	$(TOOLS)/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-tools.txt
@@ -29,6 +29,10 @@ run: setup
 test: setup $(TOOLS)/.installed
 	$(PY) -m pytest
 
+# The inner loop: the unit tier only (no I/O, no Azurite), seconds.
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -q tests/unit
+
 bench: setup
 	$(PY) -m scripts.bench --requests 60
 
@@ -37,7 +41,7 @@ bench-full: setup
 
 # The long fault-injection runs behind RELIABILITY.md (make test runs shortened versions).
 reliability: setup
-	RELIABILITY_REQUESTS=100 RELIABILITY_KILLS=20 $(PY) -m pytest -s -q tests/test_scale_out.py::test_i2_sigkilled_hosts_lose_nothing_and_never_break_the_limit tests/test_faults.py
+	RELIABILITY_REQUESTS=100 RELIABILITY_KILLS=20 $(PY) -m pytest -s -q tests/system/test_scale_out.py::test_i2_sigkilled_hosts_lose_nothing_and_never_break_the_limit tests/system/test_faults.py
 
 clean:
 	rm -rf $(VENV) $(TOOLS) node_modules .run .pytest_cache .hypothesis

@@ -5,7 +5,9 @@ from typing import List
 
 import azure.functions as func
 
-from shared import handlers, log_analytics, openapi, preflight
+from shared import handlers
+from shared.operations import openapi, preflight
+from shared.results import log_analytics
 from shared.runtime import runtime
 from shared.settings import get_settings
 

@@ -10,7 +10,7 @@ import time
 from azure.core.exceptions import ResourceNotFoundError
 from azure.storage.queue import QueueClient
 
-from devhost.azurite import Azurite, ROOT, start_azurite
+from devhost.azurite import ROOT, Azurite, start_azurite
 from scripts.local_stack import Stack, start_devhost, start_simulators_process
 
 
@@ -21,7 +21,7 @@ def _port_free(port: int) -> bool:
 
 def wait_for_rate_lease(connection: str, queue: str = "provision-leases", timeout: float = 120) -> None:
     """A new token pool's tokens only become usable a window plus the epoch cache time after they
-    are minted (shared/lease.py); say so instead of letting the first event wait in silence."""
+    are minted (shared/ratelimit/token_gate.py); say so instead of letting the first event wait in silence."""
     leases = QueueClient.from_connection_string(connection, queue)
     started = time.monotonic()
     told = False

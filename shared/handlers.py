@@ -1,35 +1,33 @@
 """What each function does, free of azure.functions types: function_app.py only adapts to these."""
 from __future__ import annotations
 
-import json
 import logging
-from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Mapping
 
-from . import dryrun, poison
-from .errors import RequestRejected
-from .dispatch import place, place_now
-from .models import GUID_RE, WorkItem
-from .intake import AcceptedRequest, accept, check_http_request, dead_letter_for, decode_queue_text
-from .rules import RuleResolver, cache_for
-from .runtime import Runtime
-from .schedule import TooLong
-from .signatures import verify as verify_signature
-from .status import StatusUnavailable
-from .worker import handle_work_message
+from shared.deadletters import dead_letter_for
+from shared.errors import (
+    BacklogTooLong,
+    RedeliverLater,
+    RequestRejected,
+    StatusStoreUnavailable,
+)
+from shared.intake import dry_run as dryrun
+from shared.intake.rule_discovery import RuleResolver, cache_for
+from shared.intake.signatures import verify as verify_signature
+from shared.intake.validation import (
+    AcceptedRequest,
+    accept,
+    check_http_request,
+    decode_queue_text,
+)
+from shared.models import GUID_RE, WorkItem
+from shared.operations import poison_sweep as poison
+from shared.ratelimit.placement import place, place_now
+from shared.replies import HttpReply
+from shared.runtime import Runtime
+from shared.worker import handle_work_message
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class HttpReply:
-    status: int
-    body: dict[str, Any]
-    headers: dict[str, str] = field(default_factory=dict)
-    work: list[str] = field(default_factory=list)  # work items due now, for the queue output binding
-
-    def json(self) -> str:
-        return json.dumps(self.body)
 
 
 def _error_reply(rejected: RequestRejected) -> HttpReply:
@@ -38,7 +36,7 @@ def _error_reply(rejected: RequestRejected) -> HttpReply:
 
 def _enqueue(accepted: list[AcceptedRequest], rt: Runtime) -> list[str]:
     """Record every call's status, let equal waiting calls join, and book slots for the rest; refuse
-    the lot when the wait would exceed MAX_EXPECTED_WAIT_HOURS. Raises StatusUnavailable when the
+    the lot when the wait would exceed MAX_EXPECTED_WAIT_HOURS. Raises StatusStoreUnavailable when the
     status table cannot be written: the queue door retries, the HTTP door answers 503."""
     items = [item for request in accepted for item in request.items]
     limit = rt.settings.max_expected_wait_hours * 3600
@@ -47,7 +45,7 @@ def _enqueue(accepted: list[AcceptedRequest], rt: Runtime) -> list[str]:
         work = place(leaders, rt, max_wait=limit)
     except Exception as exc:
         _withdraw(items, rt)
-        if not isinstance(exc, TooLong):
+        if not isinstance(exc, BacklogTooLong):
             raise
         raise RequestRejected(
             503, "BacklogTooLong",
@@ -89,15 +87,10 @@ def provision_http(body: bytes, headers: Mapping[str, str], rt: Runtime,
         work = _enqueue(accepted, rt)
     except RequestRejected as rejected:
         return _error_reply(rejected)
-    except StatusUnavailable:
+    except StatusStoreUnavailable:
         return _error_reply(_status_unavailable())
     log.info("accepted %d request(s), %d call(s) over HTTP", len(accepted), sum(len(a.items) for a in accepted))
     return HttpReply(202, {"accepted": len(accepted), "requests": [a.summary() for a in accepted]}, work=work)
-
-
-class RetryLater(Exception):
-    """Raised to make the Functions host deliver the message again after host.json's
-    visibilityTimeout: the queue defers it, no function waits."""
 
 
 # As host.json's maxDequeueCount: the last delivery dead-letters with the reason instead of raising.
@@ -117,7 +110,7 @@ def intake_message(raw: bytes | str, rt: Runtime, delivery: int = 1) -> list[str
         if rejected.info.code in TRANSIENT_INTAKE_CODES and delivery < INTAKE_DELIVERIES:
             log.warning("intake message deferred (%s), delivery %d of %d", rejected.info.code, delivery,
                         INTAKE_DELIVERIES)
-            raise RetryLater(rejected.info.code) from None
+            raise RedeliverLater(rejected.info.code) from None
         log.warning("intake message dead-lettered: %s", rejected.info.code)
         rt.queues.send_json(rt.settings.deadletter_queue, dead_letter_for(rejected, "intake", original))
         return []
@@ -134,7 +127,7 @@ def request_status(request_id: str, rt: Runtime) -> HttpReply:
     s = rt.settings
     try:
         status = rt.status.read(request_id.lower(), s.slot_spacing, s.graph_timeout_seconds)
-    except StatusUnavailable:
+    except StatusStoreUnavailable:
         return _error_reply(_status_unavailable())
     if status is None:
         return _error_reply(RequestRejected(404, "RequestNotFound", f"no request {request_id} is known here"))

@@ -6,7 +6,14 @@ import re
 from datetime import datetime, timezone
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationInfo,
+    field_validator,
+)
 
 GUID_RE = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
 # One RDN is attr=value; values may contain escaped commas ("\,") as AD allows.
@@ -16,7 +23,7 @@ JOB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 RULE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._#:-]{0,199}$")
 
 ObjectTypeName = Literal["User", "user", "Group", "Worker"]
-# "high" goes ahead of normal work within HIGH_PRIORITY_SHARE of the rate (shared/schedule.py).
+# "high" goes ahead of normal work within HIGH_PRIORITY_SHARE of the rate (shared/ratelimit/slot_timeline.py).
 Priority = Literal["normal", "high"]
 MAX_GROUP_MEMBERS_PER_CALL = 5  # Microsoft's documented limit for one on-demand request
 MAX_MEMBERS_PER_REQUEST = 500
@@ -177,7 +184,7 @@ class Subject(BaseModel):
 
 
 class Follower(BaseModel):
-    """A call that joined an equal waiting call instead of making its own (shared/status.py)."""
+    """A call that joined an equal waiting call instead of making its own (shared/status/store.py)."""
 
     requestId: str
     callIndex: int
@@ -206,11 +213,11 @@ class WorkItem(BaseModel):
     callCount: int = 1
     attempts: int = 0  # Graph calls made for this item so far
     deferrals: int = 0  # times it was put back to wait (capacity, throttling, outages)
-    notBefore: float | None = None  # booked slot, epoch seconds (see shared/schedule.py)
+    notBefore: float | None = None  # booked slot, epoch seconds (see shared/ratelimit/slot_timeline.py)
     receivedAt: datetime
     priority: Priority = "normal"
     displaced: int = 0  # times it found no token at its slot; the second time it moves to the high lane
-    # Coalescing (shared/status.py): the equal-call group; while this call leads it, the etag of its
+    # Coalescing (shared/status/store.py): the equal-call group; while this call leads it, the etag of its
     # open row as created ("" when the group it leads must be read first); the calls that joined,
     # once the group was closed.
     coalesceKey: str | None = None
@@ -324,7 +331,7 @@ class ResultMessage(Outcome):
     priority: Priority = "normal"
     callsSaved: int = 0  # other requests this call served (coalescing): Graph calls not made
     servedBy: str | None = None  # the resultId of the call that served this request, when coalesced
-    jobStatus: JobStatus | None = None  # only when the failure pointed at the job (shared/jobguard.py)
+    jobStatus: JobStatus | None = None  # only when the failure pointed at the job (shared/graph/job_guard.py)
 
 
 class ErrorInfo(BaseModel):

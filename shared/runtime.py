@@ -6,16 +6,16 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Callable, TypeVar
 
-from .credentials import app_credential
-from .graph_client import GraphClient
-from .lease import QueueTokenStore, RateGate, pool_queue_name
-from .log_analytics import result_sinks
-from .models import WorkItem
-from .schedule import Schedule
-from .settings import Settings, get_settings
-from .sinks import ResultSink
-from .status import StatusStore
-from .storage import Queues, service_client
+from shared.graph.client import GraphClient
+from shared.graph.credentials import app_credential
+from shared.models import WorkItem
+from shared.queues import Queues, service_client
+from shared.ratelimit.slot_timeline import Schedule
+from shared.ratelimit.token_gate import QueueTokenStore, RateGate, pool_queue_name
+from shared.results.log_analytics import result_sinks
+from shared.results.sinks import ResultSink
+from shared.settings import Settings, get_settings
+from shared.status.store import StatusStore
 
 T = TypeVar("T")
 

@@ -9,6 +9,8 @@ from functools import lru_cache
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from shared.errors import SettingsError
+
 
 class GraphCloud(str, Enum):
     GLOBAL = "Global"
@@ -74,10 +76,10 @@ class Settings(BaseSettings):
     results_queue: str = Field("provision-results", alias="RESULTS_QUEUE")
     deadletter_queue: str = Field("provision-deadletter", alias="DEADLETTER_QUEUE")
     lease_queue: str = Field("provision-leases", alias="LEASE_QUEUE")
-    # Request status and coalescing (shared/status.py): one table, letters and digits only.
+    # Request status and coalescing (shared/status/store.py): one table, letters and digits only.
     status_table: str = Field("provisionstatus", alias="STATUS_TABLE", pattern=r"^[A-Za-z][A-Za-z0-9]{2,62}$")
     coalesce_requests: bool = Field(True, alias="COALESCE_REQUESTS")
-    # The most of the rate high-priority calls may take while normal calls wait (shared/schedule.py).
+    # The most of the rate high-priority calls may take while normal calls wait (shared/ratelimit/slot_timeline.py).
     high_priority_share: float = Field(0.8, alias="HIGH_PRIORITY_SHARE", gt=0, le=0.95)
 
     rate_limit_calls: int = Field(5, alias="RATE_LIMIT_CALLS", ge=1, le=32)
@@ -94,18 +96,18 @@ class Settings(BaseSettings):
     max_expected_wait_hours: float = Field(72.0, alias="MAX_EXPECTED_WAIT_HOURS", gt=0, le=167)
     max_body_bytes: int = Field(262144, alias="MAX_BODY_BYTES", ge=1024)
 
-    # Optional webhook signatures (shared/signatures.py): off while the secret is empty.
+    # Optional webhook signatures (shared/intake/signatures.py): off while the secret is empty.
     webhook_hmac_secret: str | None = Field(None, alias="WEBHOOK_HMAC_SECRET", repr=False)
     webhook_signature_header: str = Field("X-Signature", alias="WEBHOOK_SIGNATURE_HEADER",
                                           pattern=r"^[A-Za-z0-9-]{1,64}$")
     webhook_timestamp_header: str = Field("X-Timestamp", alias="WEBHOOK_TIMESTAMP_HEADER",
                                           pattern=r"^[A-Za-z0-9-]{1,64}$")
     webhook_tolerance_seconds: int = Field(300, alias="WEBHOOK_TOLERANCE_SECONDS", ge=1, le=86400)
-    # Personal values in results become salted hashes (shared/redaction.py).
+    # Personal values in results become salted hashes (shared/results/redaction.py).
     redact_pii: bool = Field(False, alias="REDACT_PII")
     redact_pii_salt: str | None = Field(None, alias="REDACT_PII_SALT", repr=False)
 
-    # Rule discovery (shared/rules.py) and the quarantine guard (shared/jobguard.py).
+    # Rule discovery (shared/intake/rule_discovery.py) and the quarantine guard (shared/graph/job_guard.py).
     rule_cache_seconds: float = Field(600.0, alias="RULE_CACHE_SECONDS", ge=0, le=86400)
     auto_start_quarantined_job: bool = Field(False, alias="AUTO_START_QUARANTINED_JOB")
     # A queue message can hide for 7 days at most, and that hidden message is the cooldown.
@@ -219,10 +221,6 @@ class Settings(BaseSettings):
         # A token comes back window + margin after its call; the small slack keeps a call that
         # starts a few milliseconds late from pushing its successor five slots on off its slot.
         return (self.rate_limit_window_seconds + self.rate_limit_margin_seconds + SLOT_SLACK_SECONDS) / self.rate_limit_calls
-
-
-class SettingsError(RuntimeError):
-    """Raised at start-up when configuration is missing or invalid; the message says what to fix."""
 
 
 def load_settings() -> Settings:

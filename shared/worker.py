@@ -14,18 +14,17 @@ from typing import Callable
 
 from pydantic import ValidationError
 
-from . import jobguard
-from .decoding import decode
-from .dispatch import hold_until_slot, place_now
-from .errors import validation_details
-from .graph_client import GraphFailure, SendTiming
-from .intake import dead_letter_for
-from .lease import Lease, RateGate
-from .models import ErrorInfo, Outcome, ResultMessage, WorkItem, utcnow
-from .retry import backoff_seconds
-from .redaction import redact
-from .runtime import Runtime
-from .status import StatusUnavailable
+from shared.deadletters import dead_letter_for
+from shared.errors import GraphFailure, StatusStoreUnavailable, validation_details
+from shared.graph import job_guard as jobguard
+from shared.graph.client import SendTiming
+from shared.graph.decoding import decode
+from shared.graph.retry_policy import backoff_seconds
+from shared.models import ErrorInfo, Outcome, ResultMessage, WorkItem, utcnow
+from shared.ratelimit.placement import hold_until_slot, place_now
+from shared.ratelimit.token_gate import Lease, RateGate
+from shared.results.redaction import redact
+from shared.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +67,7 @@ def process(item: WorkItem, rt: Runtime, sleep: Callable[[float], None] = time.s
     try:
         # Closes the call's coalescing group: requests that arrive from now on get a call of their own.
         item = rt.status.start_call(item)
-    except StatusUnavailable:
+    except StatusStoreUnavailable:
         gate.finish(lease, timing)  # nothing was sent: the token goes back at once
         _defer(item, rt, backoff_seconds(item.deferrals + 1, s.retry_base_seconds, s.retry_max_seconds),
                "StatusStoreUnavailable")

@@ -1,0 +1,230 @@
+"""The OpenAPI 3.0 description served at GET /api/openapi.json, built from the pydantic models so
+that it cannot drift from what intake validates.
+
+3.0 rather than 3.1 because Logic Apps / Power Platform custom connectors import 3.0: pydantic
+writes JSON Schema 2020-12, so `anyOf [X, null]` becomes `nullable`, `const` becomes `enum`, and
+`$defs` move to components. Checks done in validators (GUIDs, job and rule ids) are added as
+patterns, so generated clients and fuzzers know them too.
+"""
+from __future__ import annotations
+
+import copy
+from functools import lru_cache
+from typing import Any
+
+from shared.intake.validation import MAX_ITEMS_PER_POST
+from shared.models import (
+    GUID_RE,
+    JOB_ID_RE,
+    OBJECT_ID_FORMS,
+    RULE_ID_RE,
+    CompactEvent,
+    ErrorInfo,
+    GraphBodyEvent,
+    RequestStatus,
+)
+from shared.settings import Settings
+
+REF = "#/components/schemas/{model}"
+JSON = "application/json"
+# Added to what pydantic knows: these are enforced by field validators, invisible to JSON Schema.
+PATTERNS = {
+    "servicePrincipalId": GUID_RE.pattern,
+    "jobId": JOB_ID_RE.pattern,
+    "ruleId": RULE_ID_RE.pattern,
+}
+MEMBER_PATTERN = GUID_RE.pattern
+
+
+def _to_openapi30(node: Any) -> Any:
+    """JSON Schema 2020-12 (pydantic) -> the OpenAPI 3.0 schema dialect."""
+    if isinstance(node, list):
+        return [_to_openapi30(n) for n in node]
+    if not isinstance(node, dict):
+        return node
+    node = {k: _to_openapi30(v) for k, v in node.items()}
+    for options in ("anyOf", "oneOf"):
+        if options in node:
+            kept = [o for o in node[options] if o != {"type": "null"}]
+            if len(kept) < len(node[options]):
+                node.pop(options)
+                if len(kept) == 1:
+                    only = kept[0]
+                    # 3.0 ignores siblings of $ref: wrap it so nullable applies.
+                    node.update({"allOf": [only]} if "$ref" in only else only)
+                else:
+                    node[options] = kept
+                node["nullable"] = True
+    if "const" in node:
+        node["enum"] = [node.pop("const")]
+    node.pop("examples", None)
+    if node.get("default", 0) is None and not node.get("nullable"):
+        node.pop("default")
+    return node
+
+
+def _add_patterns(schemas: dict[str, Any]) -> None:
+    for name, schema in schemas.items():
+        for field, prop in schema.get("properties", {}).items():
+            prop.pop("title", None)  # pydantic's "Serviceprincipalid" would be the connector's label
+            if field in PATTERNS and prop.get("type") == "string":
+                prop.setdefault("pattern", PATTERNS[field])
+            if name == "Member" and field == "objectId":
+                prop.setdefault("pattern", MEMBER_PATTERN)
+
+
+def _split_by_type(schemas: dict[str, Any], name: str) -> None:
+    """objectId's form depends on objectTypeName (a validator, invisible to JSON Schema): one
+    variant per type makes the rule part of the contract, so a generated valid body is valid."""
+    base = schemas.pop(name)
+    variants = []
+    for type_name, (pattern, form) in OBJECT_ID_FORMS.items():
+        variant = copy.deepcopy(base)
+        props = variant["properties"]
+        props["objectTypeName"] = {"type": "string", "enum": [type_name]}
+        props["objectId"] = dict(props["objectId"], pattern=pattern.pattern, description=form)
+        if type_name != "Group":  # only groups have members
+            props.pop("members", None)
+            props.pop("links", None)
+        variant["title"] = f"{name} ({type_name})"
+        key = f"{name}_{type_name}" if type_name != "user" else f"{name}_adUser"
+        schemas[key] = variant
+        variants.append({"$ref": REF.format(model=key)})
+    schemas[name] = {"description": base.get("description", ""), "anyOf": variants}
+
+
+def _model_schemas() -> dict[str, Any]:
+    schemas: dict[str, Any] = {}
+    for model in (GraphBodyEvent, CompactEvent, ErrorInfo, RequestStatus):
+        schema = model.model_json_schema(ref_template=REF, mode="validation")
+        schemas.update(schema.pop("$defs", {}))
+        schemas[model.__name__] = schema
+    schemas = _to_openapi30(schemas)
+    _add_patterns(schemas)
+    # A compact event's members may also be bare GUID strings (shorthand for {objectId}).
+    members = schemas["CompactEvent"]["properties"]["members"]
+    members["items"] = {"anyOf": [{"$ref": REF.format(model="Member")},
+                                  {"type": "string", "pattern": MEMBER_PATTERN}]}
+    for name in ("GraphSubject", "CompactEvent"):
+        _split_by_type(schemas, name)
+    schemas["ErrorBody"] = {
+        "type": "object", "required": ["error"], "additionalProperties": False,
+        "description": 'Every error: {"error": {"code", "message", "details"}}.',
+        "properties": {"error": {"$ref": REF.format(model="ErrorInfo")}},
+    }
+    schemas["Event"] = {"anyOf": [{"$ref": REF.format(model="GraphBodyEvent")},
+                                  {"$ref": REF.format(model="CompactEvent")}]}
+    schemas["ProvisionRequest"] = {
+        "description": "A Graph provisionOnDemand body, a compact event, or an array of them (all or nothing).",
+        "anyOf": [{"$ref": REF.format(model="Event")},
+                  {"type": "array", "minItems": 1, "maxItems": MAX_ITEMS_PER_POST,
+                   "items": {"$ref": REF.format(model="Event")}}],
+    }
+    schemas["Accepted"] = {
+        "type": "object", "required": ["accepted", "requests"],
+        "properties": {
+            "accepted": {"type": "integer", "minimum": 1},
+            "requests": {"type": "array", "items": {
+                "type": "object", "required": ["requestId", "calls"],
+                "properties": {"requestId": {"type": "string"},
+                               "correlationId": {"type": "string", "nullable": True},
+                               "calls": {"type": "integer", "minimum": 1},
+                               "priority": {"type": "string", "enum": ["normal", "high"]}}}},
+        },
+    }
+    schemas["Health"] = {"type": "object", "required": ["status"], "properties": {"status": {"type": "string"}}}
+    return schemas
+
+
+RETRY_AFTER = {"Retry-After": {"description": "seconds", "schema": {"type": "integer"}}}
+
+
+def _error(description: str, headers: dict[str, Any] | None = None) -> dict[str, Any]:
+    response: dict[str, Any] = {"description": description,
+                                "content": {JSON: {"schema": {"$ref": REF.format(model="ErrorBody")}}}}
+    if headers:
+        response["headers"] = headers
+    return response
+
+
+@lru_cache(maxsize=1)
+def _static_spec(signature_header: str, timestamp_header: str) -> dict[str, Any]:
+    signature_params = [
+        {"name": signature_header, "in": "header", "required": False,
+         "description": "Only when WEBHOOK_HMAC_SECRET is set: sha256=<hex HMAC-SHA256(secret, timestamp + '.' + body)>",
+         "schema": {"type": "string"}},
+        {"name": timestamp_header, "in": "header", "required": False,
+         "description": "Only when WEBHOOK_HMAC_SECRET is set: the signing time, whole epoch seconds",
+         "schema": {"type": "string", "pattern": "^[0-9]{1,12}$"}},
+    ]
+    return {
+        "openapi": "3.0.3",
+        "info": {"title": "Provision on demand", "version": "1.0.0",
+                 "description": "Turns HR and ticketing events into Microsoft Graph provisionOnDemand calls, "
+                                "within Graph's rate limit; results go to a queue."},
+        "paths": {
+            "/api/provision": {"post": {
+                "operationId": "Provision",
+                "summary": "Queue provisionOnDemand calls",
+                "description": "Validates, splits into Graph calls and books their slots; never waits for Graph.",
+                "parameters": signature_params,
+                "requestBody": {"required": True,
+                                "content": {JSON: {"schema": {"$ref": REF.format(model="ProvisionRequest")}}}},
+                "responses": {
+                    "202": {"description": "Accepted; results follow on the results queue",
+                            "content": {JSON: {"schema": {"$ref": REF.format(model="Accepted")}}}},
+                    "400": _error("Not JSON (InvalidJson) or not UTF-8 (InvalidEncoding)"),
+                    "401": _error("No valid function key, or a missing/invalid webhook signature "
+                                  "(SignatureMissing, SignatureInvalid, TimestampOutOfRange)"),
+                    "413": _error("Body over MAX_BODY_BYTES (PayloadTooLarge) or over 1000 events (TooManyItems)"),
+                    "415": _error("Not JSON content (UnsupportedMediaType)"),
+                    "422": _error("A field is wrong or missing (ValidationFailed, EmptyRequest)"),
+                    "503": _error("The backlog would delay these calls more than MAX_EXPECTED_WAIT_HOURS "
+                                  "(BacklogTooLong), or the status table cannot be reached (StatusStoreUnavailable)",
+                                  RETRY_AFTER),
+                },
+            }},
+            "/api/provision/{requestId}": {"get": {
+                "operationId": "RequestStatus",
+                "summary": "Where a request stands",
+                "description": "State (queued, waiting, calling, succeeded, skipped, failed, dead-lettered), "
+                               "attempts, the ETA while it waits, and each call's result once it has one.",
+                "parameters": [{"name": "requestId", "in": "path", "required": True,
+                                "description": "The requestId from the 202 answer",
+                                "schema": {"type": "string", "pattern": GUID_RE.pattern}}],
+                "responses": {
+                    "200": {"description": "The request's status",
+                            "content": {JSON: {"schema": {"$ref": REF.format(model="RequestStatus")}}}},
+                    "400": _error("Not a requestId (InvalidRequestId)"),
+                    "401": _error("No valid function key"),
+                    "404": _error("No such request (RequestNotFound)"),
+                    "503": _error("The status table cannot be reached (StatusStoreUnavailable)", RETRY_AFTER),
+                },
+            }},
+            "/api/health": {"get": {
+                "operationId": "Health",
+                "summary": "Liveness probe (anonymous)",
+                "security": [],
+                "responses": {"200": {"description": "The host answers",
+                                      "content": {JSON: {"schema": {"$ref": REF.format(model="Health")}}}},
+                              "401": _error("deep=true needs the function key: use /api/health/deep")},
+                "parameters": [{"name": "deep", "in": "query", "required": False, "schema": {"type": "string"},
+                                "description": "true is refused here: the deep check needs a key"}],
+            }},
+        },
+        "components": {
+            "schemas": _model_schemas(),
+            "securitySchemes": {
+                "functionKeyHeader": {"type": "apiKey", "in": "header", "name": "x-functions-key"},
+                "functionKeyQuery": {"type": "apiKey", "in": "query", "name": "code"},
+            },
+        },
+        "security": [{"functionKeyHeader": []}, {"functionKeyQuery": []}],
+    }
+
+
+def build_spec(settings: Settings, server_url: str | None = None) -> dict[str, Any]:
+    spec = copy.deepcopy(_static_spec(settings.webhook_signature_header, settings.webhook_timestamp_header))
+    if server_url:
+        spec["servers"] = [{"url": server_url.rstrip("/")}]
+    return spec

@@ -1,0 +1,17 @@
+"""What an HTTP function answers, without the host's types: function_app.py turns it into a response."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class HttpReply:
+    status: int
+    body: dict[str, Any]
+    headers: dict[str, str] = field(default_factory=dict)
+    work: list[str] = field(default_factory=list)  # work items due now, for the queue output binding
+
+    def json(self) -> str:
+        return json.dumps(self.body)

@@ -1,0 +1,326 @@
+"""Issue 7: request status (GET /api/provision/{requestId}), coalescing of equal waiting requests,
+priority lanes, and the poison sweep. The store tests drive shared/status/store.py against Azurite's table
+service; the end-to-end tests run one devhost of their own with its own queues, table and simulators."""
+from __future__ import annotations
+
+import time
+import uuid
+from datetime import datetime
+
+import httpx
+import pytest
+from azure.data.tables import TableClient
+from azure.storage.queue import QueueClient
+
+from scripts.local_stack import EXAMPLE_JOB, EXAMPLE_RULE, EXAMPLE_SP
+from shared.models import Subject, WorkItem, utcnow
+from shared.operations import poison_sweep as poison
+from shared.runtime import build_runtime
+from shared.settings import Settings
+from shared.status.store import CALLING, OPEN, QUEUED, StatusStore, group_key
+from tests.conftest import IsolatedHost
+
+
+def user() -> str:
+    return str(uuid.uuid4())
+
+
+def item(object_id: str, request_id: str | None = None, priority: str = "normal") -> WorkItem:
+    return WorkItem(requestId=request_id or str(uuid.uuid4()), servicePrincipalId=EXAMPLE_SP, jobId=EXAMPLE_JOB,
+                    ruleId=EXAMPLE_RULE, subject=Subject(objectId=object_id, objectTypeName="User"),
+                    receivedAt=utcnow(), priority=priority)
+
+
+@pytest.fixture
+def store(azurite):
+    table = TableClient.from_connection_string(azurite.connection_string, f"status{uuid.uuid4().hex[:12]}")
+    yield StatusStore(table, coalesce=True, max_join_age=3600)
+    table.delete_table()
+
+
+# -- the store, against Azurite's table service ----------------------------------------------------
+def test_an_equal_call_joins_the_waiting_one_and_is_finished_with_it(store):
+    subject = user()
+    first, second, other = item(subject), item(subject), item(user())
+    assert store.admit([first]) == [first]
+    assert store.admit([second, other]) == [other]            # the equal call needs no slot
+    assert group_key(first) == group_key(second) != group_key(other)
+    going = store.start_call(first)
+    assert [f.requestId for f in going.followers] == [second.requestId]
+    assert store.table.get_entity(first.coalesceKey, first.call_id)["state"] == CALLING
+
+
+def test_a_call_that_arrives_after_the_equal_one_went_out_gets_its_own_call(store):
+    subject = user()
+    first = item(subject)
+    store.admit([first])
+    store.start_call(first)
+    later = item(subject)
+    assert store.admit([later]) == [later]                   # leads a new group
+    assert store.start_call(later).followers == []
+
+
+def test_a_join_after_intake_is_found_when_the_group_closes(store):
+    subject = user()
+    first = item(subject)
+    store.admit([first])                                     # first.openEtag is now stale after the joins
+    joiners = [item(subject) for _ in range(3)]
+    assert store.admit(joiners) == []
+    assert len(store.start_call(first).followers) == 3
+
+
+def test_a_redelivered_message_finds_its_followers_on_its_own_row(store):
+    subject = user()
+    first, second = item(subject), item(subject)
+    store.admit([first])
+    store.admit([second])
+    original = first.model_copy(deep=True)                   # the message as it was on the queue
+    store.start_call(first)                                  # ... the run ended, but the message stayed
+    store.table.upsert_entity({"PartitionKey": first.coalesceKey, "RowKey": first.call_id, "state": "succeeded"})
+    again = store.start_call(original)
+    assert [f.requestId for f in again.followers] == [second.requestId]
+    assert store.table.get_entity(first.coalesceKey, first.call_id)["state"] == CALLING   # the call is made again
+
+
+def test_high_and_normal_requests_for_one_subject_do_not_join(store):
+    subject = user()
+    normal, high = item(subject), item(subject, priority="high")
+    store.admit([normal])
+    assert store.admit([high]) == [high]
+
+
+def test_a_refused_post_leaves_no_status_and_no_open_group(store):
+    subject = user()
+    refused = item(subject)
+    store.admit([refused])
+    store.forget([refused])
+    assert list(store.table.query_entities("PartitionKey eq @k", parameters={"k": group_key(refused)})) == []
+    later = item(subject)
+    assert store.admit([later]) == [later]                   # nobody waits on a refused call
+
+
+def test_a_refused_call_that_others_joined_hands_its_group_to_the_first_of_them(store):
+    subject = user()
+    refused, first, second = item(subject), item(subject), item(subject)
+    store.admit([refused])
+    assert store.admit([first]) == [] and store.admit([second]) == []   # accepted elsewhere, joined it
+    [heir] = store.forget([refused])
+    assert (heir.requestId, heir.followers, heir.coalesceKey) == (first.requestId, [], refused.coalesceKey)
+    rows = {e["RowKey"]: e for e in store.table.query_entities("PartitionKey eq @k",
+                                                               parameters={"k": refused.coalesceKey})}
+    assert refused.call_id not in rows and rows[OPEN]["leader"] == first.call_id
+    assert rows[second.call_id]["servedBy"] == first.call_id and not rows[first.call_id]["servedBy"]
+    heir.notBefore = time.time() + 30                        # booked by the intake that withdrew
+    store.booked([heir])
+    store.record_requests([(r.requestId, None, "normal", [r]) for r in (first, second)])
+    assert [store.read(r.requestId, 2.0, 30).calls[0].etaSeconds > 25 for r in (first, second)] == [True, True]
+    assert [f.requestId for f in store.start_call(heir).followers] == [second.requestId]
+
+
+def test_a_leader_lost_at_intake_is_replaced_and_its_followers_are_served(store):
+    subject = user()
+    lost, joined = item(subject), item(subject)
+    store.admit([lost])                                      # its host died before queueing it
+    store.admit([joined])
+    store.record_requests([(joined.requestId, None, "normal", [joined])])
+    later = time.time() + 600
+    store.clock = lambda: later
+    newcomer = item(subject)
+    assert store.admit([newcomer]) == [newcomer]             # leads: nobody waits on a lost call
+    assert [f.requestId for f in store.start_call(newcomer).followers] == [joined.requestId]
+    assert store.read(joined.requestId, 2.0, 30).calls[0].servedBy == newcomer.call_id
+
+
+def test_a_refused_call_that_joined_another_leaves_its_group(store):
+    subject = user()
+    leader, refused = item(subject), item(subject)
+    store.admit([leader])
+    store.admit([refused])
+    assert store.forget([refused]) == []
+    assert store.start_call(leader).followers == []
+
+
+def test_unknown_requests_read_as_none_and_stale_calls_as_stalled(store):
+    assert store.read(str(uuid.uuid4()), 2.0, 30) is None
+    stuck = item(user())
+    store.admit([stuck])
+    stuck.notBefore = time.time() - 600                      # booked ten minutes ago, never taken
+    store.record_requests([(stuck.requestId, None, "normal", [stuck])])
+    status = store.read(stuck.requestId, 2.0, 30)
+    assert status.state == QUEUED and status.calls[0].stalled and "not yet taken" in status.calls[0].note
+    store.start_call(stuck)
+    store.clock = lambda: time.time() + 600                  # ten minutes later, still no answer
+    status = store.read(stuck.requestId, 2.0, 30)
+    assert status.state == CALLING and status.calls[0].stalled and "retried" in status.calls[0].note
+    assert store.table.get_entity(stuck.coalesceKey, stuck.call_id)["state"] == CALLING
+    assert OPEN not in {e["RowKey"] for e in store.table.query_entities(
+        "PartitionKey eq @k", parameters={"k": stuck.coalesceKey})}
+
+
+# -- end to end through a devhost -------------------------------------------------------------------
+class StatusHost(IsolatedHost):
+    def __init__(self, azurite, log_dir):
+        super().__init__(azurite, log_dir, "st", DEFAULT_RULE_ID=EXAMPLE_RULE,
+                         STATUS_TABLE=f"st{uuid.uuid4().hex[:10]}")
+
+    def post(self, body) -> list[str]:
+        response = httpx.post(f"{self.host.url}/api/provision", json=body, timeout=30)
+        assert response.status_code == 202, response.text
+        return [r["requestId"] for r in response.json()["requests"]]
+
+    def status(self, request_id: str) -> httpx.Response:
+        return httpx.get(f"{self.host.url}/api/provision/{request_id}", timeout=30)
+
+    def state(self, request_id: str) -> dict:
+        response = self.status(request_id)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    def wait_state(self, request_id: str, states: set[str], timeout: float = 60) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            body = self.state(request_id)
+            if body["state"] in states or time.monotonic() > deadline:
+                assert body["state"] in states, body
+                return body
+            time.sleep(0.2)
+
+    def result(self, request_id: str, timeout: float = 60) -> dict:
+        return self.results.wait_for(lambda m: m.get("requestId") == request_id, timeout=timeout)[0]
+
+
+@pytest.fixture(scope="module")
+def st(azurite, tmp_path_factory):
+    host = StatusHost(azurite, tmp_path_factory.mktemp("status"))
+    yield host
+    host.stop()
+
+
+def test_status_of_a_request_follows_it_to_its_decoded_result(st):
+    subject = user()
+    st.sims.graph.script(subject, {"status": 200, "delay": 2.0})
+    [request_id] = st.post({"objectId": subject, "objectTypeName": "User", "correlationId": "status-1"})
+    calling = st.wait_state(request_id, {"calling"}, timeout=20)
+    assert calling["calls"][0]["since"] and calling["correlationId"] == "status-1"
+    done = st.wait_state(request_id, {"succeeded", "skipped"}, timeout=30)
+    [call] = done["calls"]
+    assert call["attempts"] == 1 and call["result"]["requestId"] == request_id
+    assert call["result"]["subject"]["objectId"] == subject and call["result"]["result"] in ("Success", "Skipped")
+    assert call["result"] == {k: v for k, v in st.result(request_id).items() if k in call["result"]}
+
+
+def test_unknown_and_malformed_request_ids_get_clear_errors(st):
+    missing = st.status(str(uuid.uuid4()))
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "RequestNotFound"
+    bad = st.status("not-a-guid")
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == "InvalidRequestId"
+
+
+def test_a_waiting_request_reports_its_eta_and_a_retry_reports_why_it_waits(st):
+    ids = st.post([{"objectId": user(), "objectTypeName": "User"} for _ in range(16)])
+    last = st.state(ids[-1])
+    assert last["state"] == "queued" and last["etaSeconds"] > 2 and last["calls"][0]["callsAhead"] >= 5
+    eta = datetime.fromisoformat(last["eta"]).timestamp()
+    for request_id in ids:
+        st.result(request_id, timeout=60)
+    finished = st.result(ids[-1])
+    # The ETA was the booked slot: the call went out on it (give or take the polling and Graph's latency).
+    assert abs(datetime.fromisoformat(finished["completedAt"]).timestamp() - eta) < 4
+    flaky = user()
+    st.sims.graph.script(flaky, {"status": 503, "body": {"error": {"code": "ServiceUnavailable", "message": "busy"}}})
+    [request_id] = st.post({"objectId": flaky, "objectTypeName": "User"})
+    waiting = st.wait_state(request_id, {"waiting"}, timeout=20)
+    assert waiting["calls"][0]["attempts"] == 1 and waiting["calls"][0]["reason"] == "ServiceUnavailable"
+    assert waiting["etaSeconds"] >= 0
+    assert st.wait_state(request_id, {"succeeded", "skipped"}, timeout=30)["calls"][0]["attempts"] == 2
+
+
+def test_a_refused_call_reads_as_dead_lettered_and_a_group_request_sums_up_its_calls(st):
+    refused = user()
+    st.sims.graph.script(refused, {"status": 403, "body": {"error": {"code": "Authorization_RequestDenied",
+                                                                     "message": "no"}}})
+    [request_id] = st.post({"objectId": refused, "objectTypeName": "User"})
+    done = st.wait_state(request_id, {"dead-lettered"}, timeout=30)
+    assert done["calls"][0]["reason"] == "Authorization_RequestDenied"
+    assert done["calls"][0]["result"]["result"] == "Error"
+    group = str(uuid.uuid4())
+    [group_request] = st.post({"objectId": group, "objectTypeName": "Group", "members": [user() for _ in range(7)]})
+    done = st.wait_state(group_request, {"succeeded", "skipped"}, timeout=30)
+    assert done["callCount"] == 2 and [c["callIndex"] for c in done["calls"]] == [0, 1]
+    assert all(c["state"] in ("succeeded", "skipped") for c in done["calls"])
+
+
+def test_equal_waiting_requests_share_one_graph_call_and_each_gets_the_result(st):
+    st.post([{"objectId": user(), "objectTypeName": "User"} for _ in range(10)])   # a backlog to wait behind
+    subject = user()
+    ids = [st.post({"objectId": subject, "objectTypeName": "User", "correlationId": f"dup-{n}"})[0]
+           for n in range(3)]
+    follower_status = st.state(ids[2])
+    assert follower_status["calls"][0]["servedBy"] == f"{ids[0]}:0"
+    assert follower_status["state"] == "queued" and follower_status["etaSeconds"] > 0   # the leader's slot
+    results = [st.result(request_id) for request_id in ids]
+    calls = [c for c in st.sims.graph.calls() if c.get("objectId") == subject]
+    assert len(calls) == 1
+    leader, *followers = results
+    assert leader["callsSaved"] == 2 and "servedBy" not in leader
+    assert [f["servedBy"] for f in followers] == [leader["resultId"]] * 2
+    assert [f["correlationId"] for f in followers] == ["dup-1", "dup-2"]
+    assert {f["result"] for f in results} == {leader["result"]}
+    for request_id in ids:
+        assert st.wait_state(request_id, {"succeeded", "skipped"}, timeout=10)["calls"][0]["result"]["requestId"] \
+            == request_id
+
+
+def test_high_priority_requests_overtake_the_backlog_without_starving_it(st):
+    normal = st.post([{"objectId": user(), "objectTypeName": "User"} for _ in range(40)])   # about 20 s of work
+    time.sleep(1.0)
+    posted = time.time()
+    high = st.post([{"objectId": user(), "objectTypeName": "User", "priority": "high"} for _ in range(2)])
+    high_done = [datetime.fromisoformat(st.result(r, timeout=30)["completedAt"]).timestamp() for r in high]
+    normal_done = [datetime.fromisoformat(st.result(r, timeout=90)["completedAt"]).timestamp() for r in normal]
+    assert max(high_done) - posted < 6                        # not behind 20 s of normal work
+    assert sum(done > max(high_done) for done in normal_done) >= 20   # most of the backlog went after them
+    assert st.sims.graph.max_in_window() <= 5                 # and the rate held throughout
+    assert st.result(high[0])["priority"] == "high"
+
+
+def test_poisoned_work_is_dead_lettered_with_a_result_and_a_final_status(st):
+    settings = Settings(**st.env)
+    rt = build_runtime(settings)
+    poisoned = item(user())
+    rt.status.admit([poisoned])
+    rt.status.record_requests([(poisoned.requestId, None, "normal", [poisoned])])
+    QueueClient.from_connection_string(st.connection, f"{st.queues['WORK_QUEUE']}-poison").send_message(
+        poisoned.model_dump_json())
+    intake_poison = QueueClient.from_connection_string(st.connection, f"{st.queues['INTAKE_QUEUE']}-poison")
+    try:
+        intake_poison.create_queue()
+    except Exception:
+        pass
+    intake_poison.send_message('{"objectId": "lost", "objectTypeName": "User"}')
+    assert poison.sweep(rt) == 2
+    letters = st.deadletters.wait_for(lambda m: m["reason"]["code"] == "RepeatedFailure", count=2, timeout=10)
+    assert {m["source"] for m in letters} == {"work", "intake"}
+    assert st.result(poisoned.requestId, timeout=10)["errorCode"] == "RepeatedFailure"
+    assert st.state(poisoned.requestId)["state"] == "dead-lettered"
+    assert poison.sweep(rt) == 0
+
+
+def test_cli_status_waits_for_the_request_and_prints_each_new_state(st):
+    import io
+    import json as json_module
+
+    from tools import cli
+
+    subject = user()
+    st.sims.graph.script(subject, {"status": 200, "delay": 1.5})
+    [request_id] = st.post({"objectId": subject, "objectTypeName": "User"})
+    out = io.StringIO()
+    code = cli.main(["status", request_id, "--url", f"{st.host.url}/api/provision", "--wait", "--interval", "0.2",
+                     "--timeout", "30"], out=out)
+    states = [json_module.loads(line)["state"] for line in out.getvalue().splitlines()]
+    assert code == 0 and states[-1] in ("succeeded", "skipped") and "calling" in states
+    assert len(states) == len(set(states))
+    out = io.StringIO()
+    assert cli.main(["status", str(uuid.uuid4()), "--url", f"{st.host.url}/api/provision"], out=out) == 1
+    assert "RequestNotFound" in out.getvalue()

@@ -1,0 +1,1 @@
+"""Workstation tools (never deployed): the operator CLI and the preflight command line."""
