@@ -71,6 +71,9 @@ class UploadFailed(ProvisioningError):
     retry_after: float | None = None
     permanent: bool = False  # retrying the same rows cannot succeed
 
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}"
+
 
 @dataclass
 class GraphFailure(ProvisioningError):

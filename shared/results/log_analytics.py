@@ -160,10 +160,6 @@ def split_batches(sizes: Sequence[int], limit: int = MAX_CALL_BYTES) -> tuple[li
 
 # --- upload -------------------------------------------------------------------------------------
 
-    def __str__(self) -> str:
-        return f"{self.code}: {self.message}"
-
-
 class Uploader(Protocol):
     def upload(self, rows: list[dict[str, Any]]) -> None:
         """Send the rows in one call; raise UploadFailed when it did not succeed."""
