@@ -673,6 +673,17 @@ def test_grant_script_takes_azd_outputs_cloud_and_dry_run(fake_az):
     assert not posts(state) and all(c[1].startswith("https://graph.microsoft.us/") for c in state["calls"])
 
 
+@pytest.mark.parametrize("env,warned", [({"ALLOWED_CLIENT_ROLES": "Provisioning.Submit"}, True),
+                                        ({"ALLOWED_CLIENT_APP_IDS": APP_A, "EASY_AUTH_CLIENT_ID": API_CLIENT}, False),
+                                        ({}, False)])
+def test_postprovision_warns_when_callers_are_named_without_the_api_client_id(env, warned):
+    hook = INFRA / "scripts" / "postprovision.sh"
+    result = subprocess.run(["sh", str(hook)], capture_output=True, text=True, timeout=60,
+                            env={"PATH": os.environ["PATH"], "APP_IDENTITY_PRINCIPAL_ID": MI, **env})
+    assert result.returncode == 0
+    assert ("EASY_AUTH_CLIENT_ID is empty" in result.stdout) is warned
+
+
 @pytest.mark.parametrize("args,message", [
     (["--principal-id", "not-a-guid"], "--principal-id must be the object id"),
     (["--principal-id", MI, "--mode", "ownedby"], "--mode ownedby needs --target-sp"),
