@@ -7,9 +7,13 @@ Order of handling for each arrival (arrival time = when the request line arrived
      (after its delay; `reset` drops the connection) and the arrival counts toward the rate window;
   4. bearer token verified (signature, exp, aud) -> 401 InvalidAuthenticationToken (not counted);
   5. sliding-window rate limit per tenant (tid) -> 429 TooManyRequests with Retry-After;
-  6. roles (Synchronization.ReadWrite.All or Application.ReadWrite.OwnedBy) -> 403;
+  6. roles (Synchronization.ReadWrite.All or Application.ReadWrite.OwnedBy) -> 403; OwnedBy alone
+     from an identity that does not own the service principal (see `set_owners`) -> 401 UnknownError
+     with an empty message, as Graph answers it;
   7. body validation -> 400 BadRequest / RequestParameterInvalid;
-  8. optional latency, then 200 with a golden example (matched by objectId) or a generated Success.
+  8. optional latency, then 200 with a golden example (matched by objectId) or a generated Success
+     (StatusInfo shape for jobs whose templateId is Azure2Azure, cross-tenant synchronization;
+     Skipped / NotEffectivelyEntitled while the subject is out of scope, see `set_out_of_scope`).
 
 Routes are the `ROUTES` table at the end: one `Route(method, template, handler)` line each. A handler
 gets a `Call` (request parsed, recorded and its token verified once) and applies the shared auth
@@ -20,7 +24,8 @@ Admin endpoints (JSON; not recorded, not rate limited):
   GET /_sim/max_in_window?window=10[&counted_only=1],
   GET/POST/DELETE /_sim/script, GET/POST /_sim/config,
   GET/POST/DELETE /_sim/jobs (per-job status for GET .../jobs/{jobId}; see `set_job`),
-  GET/POST/DELETE /_sim/schemas (per-job GET .../jobs/{jobId}/schema; see `set_schema`).
+  GET/POST/DELETE /_sim/schemas (per-job GET .../jobs/{jobId}/schema; see `set_schema`),
+  GET/POST/DELETE /_sim/out_of_scope (see `set_out_of_scope`), GET/POST/DELETE /_sim/owners (see `set_owners`).
 
 `GET .../jobs/{jobId}/schema` answers synchronizationRules; `POST .../jobs/{jobId}/start` answers
 204 and sets the job Active (recorded: see `start_calls`).
@@ -46,7 +51,14 @@ from urllib.parse import parse_qs, unquote
 
 from .httpbase import SimHandler, SimServer, parse_json_body
 from .ratelimit import SlidingWindowLimiter, max_in_window, parse_rate
-from .responses import GOLDEN_DIR, generate_success, graph_error, load_golden, odata_context
+from .responses import (
+    CROSS_TENANT_TEMPLATE,
+    GOLDEN_DIR,
+    generate_success,
+    graph_error,
+    load_golden,
+    odata_context,
+)
 from .tokens import GRAPH_AUDIENCES, TokenError, TokenSigner, default_signer, unverified_claims
 
 VERSIONS = ("v1.0", "beta")
@@ -125,6 +137,13 @@ def _check_subject(subject: Any, where: str) -> None:
         if not isinstance(value, str) or not value.strip():
             raise BodyError("RequestParameterInvalid", f"The request parameter '{prop}' of {where} is invalid: "
                                                        "a non-empty string is required.")
+    _check_links(subject, where)
+
+
+def _check_links(subject: dict[str, Any], where: str) -> None:
+    """links as OData reads synchronizationLinkedObjects: members and owners are collections of
+    subjects, manager one subject, nothing else. What Graph does with ids it cannot resolve is not
+    documented, so ids are checked only for being there."""
     links = subject.get("links")
     if links is None:
         return
@@ -133,14 +152,39 @@ def _check_subject(subject: Any, where: str) -> None:
     _check_props(links, _LINK_PROPS, "synchronizationLinkedObjects")
     for prop in ("members", "owners"):
         items = links.get(prop)
-        if items is None:
-            continue
-        if not isinstance(items, list):
+        if items is not None and not isinstance(items, list):
             raise BodyError("BadRequest", f"{where}.links.{prop} must be a collection.")
-        for i, item in enumerate(items):
+        for i, item in enumerate(items or []):
             _check_subject(item, f"{where}.links.{prop}[{i}]")
     if links.get("manager") is not None:
         _check_subject(links["manager"], f"{where}.links.manager")
+
+
+def _check_parameter(param: Any, i: int) -> int:
+    """Check one synchronizationJobApplicationParameters; returns how many groups it holds."""
+    if not isinstance(param, dict):
+        raise BodyError("BadRequest", f"parameters[{i}] must be a synchronizationJobApplicationParameters object.")
+    _check_props(param, _PARAM_PROPS, "synchronizationJobApplicationParameters")
+    rule_id = param.get("ruleId")
+    if not isinstance(rule_id, str) or not rule_id.strip():
+        raise BodyError("RequestParameterInvalid",
+                        "The request parameter 'ruleId' is invalid: the synchronization rule id is required.")
+    subjects = param.get("subjects")
+    if not isinstance(subjects, list) or not subjects:
+        raise BodyError("RequestParameterInvalid",
+                        "The request parameter 'subjects' is invalid: at least one subject is required.")
+    groups = 0
+    for j, subject in enumerate(subjects):
+        where = f"parameters[{i}].subjects[{j}]"
+        _check_subject(subject, where)
+        if subject["objectTypeName"].lower() == "group":
+            groups += 1
+            members = (subject.get("links") or {}).get("members") or []
+            if len(members) > MAX_GROUP_MEMBERS:
+                raise BodyError("BadRequest",
+                                "The on-demand provisioning request API can only accept a single group with up "
+                                f"to {MAX_GROUP_MEMBERS} members at a time; {where} has {len(members)} members.")
+    return groups
 
 
 def validate_provision_body(body: Any) -> None:
@@ -157,29 +201,7 @@ def validate_provision_body(body: Any) -> None:
                                       "microsoft.graph.synchronizationJobApplicationParameters.")
     if not params:
         raise BodyError("RequestParameterInvalid", "The request parameter 'parameters' is invalid: it is empty.")
-    groups = 0
-    for i, param in enumerate(params):
-        if not isinstance(param, dict):
-            raise BodyError("BadRequest", f"parameters[{i}] must be a synchronizationJobApplicationParameters object.")
-        _check_props(param, _PARAM_PROPS, "synchronizationJobApplicationParameters")
-        rule_id = param.get("ruleId")
-        if not isinstance(rule_id, str) or not rule_id.strip():
-            raise BodyError("RequestParameterInvalid",
-                            "The request parameter 'ruleId' is invalid: the synchronization rule id is required.")
-        subjects = param.get("subjects")
-        if not isinstance(subjects, list) or not subjects:
-            raise BodyError("RequestParameterInvalid",
-                            "The request parameter 'subjects' is invalid: at least one subject is required.")
-        for j, subject in enumerate(subjects):
-            where = f"parameters[{i}].subjects[{j}]"
-            _check_subject(subject, where)
-            if subject["objectTypeName"].lower() == "group":
-                groups += 1
-                members = (subject.get("links") or {}).get("members") or []
-                if len(members) > MAX_GROUP_MEMBERS:
-                    raise BodyError("BadRequest",
-                                    "The on-demand provisioning request API can only accept a single group with up "
-                                    f"to {MAX_GROUP_MEMBERS} members at a time; {where} has {len(members)} members.")
+    groups = sum(_check_parameter(param, i) for i, param in enumerate(params))
     if groups > 1:
         raise BodyError("BadRequest", "The on-demand provisioning request API can only accept a single group "
                                       f"with up to {MAX_GROUP_MEMBERS} members at a time; {groups} groups were sent.")
@@ -228,6 +250,8 @@ class GraphSimulator(SimServer):
         self._script: dict[str, deque[dict[str, Any]]] = {}
         self._jobs: dict[tuple[str, str], dict[str, Any]] = {}
         self._schemas: dict[tuple[str, str], dict[str, Any]] = {}
+        self._out_of_scope: dict[str, int] = {}  # objectId -> calls still answered Skipped (NotEffectivelyEntitled)
+        self._owners: dict[str, list[str]] = {}  # servicePrincipalId -> object ids of its owners (OwnedBy check)
         self.throttled = 0  # 429s answered by the rate limiter (scripted 429s not included)
 
     # --- properties ----------------------------------------------------------------------------
@@ -321,6 +345,50 @@ class GraphSimulator(SimServer):
                 if key is not None and self._script.get(key):
                     return self._script[key].popleft()
         return None
+
+    # --- scope and ownership ------------------------------------------------------------------
+    def set_out_of_scope(self, object_id: str, calls: int = 1) -> dict[str, int]:
+        """The next `calls` provisionOnDemand calls for `object_id` come back Skipped with
+        NotEffectivelyEntitled, as while an assignment has not applied yet; then it is in scope."""
+        with self._lock:
+            self._out_of_scope[object_id] = int(calls)
+            return dict(self._out_of_scope)
+
+    def out_of_scope(self) -> dict[str, int]:
+        with self._lock:
+            return {k: v for k, v in self._out_of_scope.items() if v > 0}
+
+    def clear_out_of_scope(self) -> None:
+        with self._lock:
+            self._out_of_scope.clear()
+
+    def _take_out_of_scope(self, object_id: str | None) -> bool:
+        with self._lock:
+            left = self._out_of_scope.get(object_id or "", 0)
+            if left > 0:
+                self._out_of_scope[object_id or ""] = left - 1
+            return left > 0
+
+    def set_owners(self, service_principal_id: str, owners: Iterable[str]) -> dict[str, list[str]]:
+        """Who owns the service principal. A token holding only Application.ReadWrite.OwnedBy whose
+        `oid` is not listed gets Graph's 401 UnknownError with an empty message; service principals
+        without a list here accept OwnedBy as before."""
+        with self._lock:
+            self._owners[service_principal_id] = list(owners)
+            return copy.deepcopy(self._owners)
+
+    def owners(self) -> dict[str, list[str]]:
+        with self._lock:
+            return copy.deepcopy(self._owners)
+
+    def clear_owners(self) -> None:
+        with self._lock:
+            self._owners.clear()
+
+    def owns(self, service_principal_id: str, object_id: str | None) -> bool:
+        with self._lock:
+            owners = self._owners.get(service_principal_id)
+        return owners is None or object_id in owners
 
     # --- synchronization jobs ------------------------------------------------------------------
     def set_job(self, service_principal_id: str, job_id: str, *, code: str = "Active",
@@ -710,7 +778,7 @@ def provision_on_demand(call: Call) -> None:
         return
     if call.deny_unauthenticated() or _throttled(call):
         return
-    if call.deny_without_role(REQUIRED_ROLES):
+    if call.deny_without_role(REQUIRED_ROLES) or _deny_not_owner(call):
         sim._sleep_latency()
         return
     if _body_rejected(call) or call.deny_unknown_job(False):
@@ -718,6 +786,18 @@ def provision_on_demand(call: Call) -> None:
         return
     sim._sleep_latency(call.record)
     _success(call)
+
+
+def _deny_not_owner(call: Call) -> bool:
+    """Application.ReadWrite.OwnedBy works only for an owner of the service principal (the
+    enterprise app, not the app registration); Graph answers anyone else 401 UnknownError with an
+    empty message."""
+    roles = (call.claims or {}).get("roles") or []
+    if "Synchronization.ReadWrite.All" in roles or call.sim.owns(call.params["servicePrincipalId"],
+                                                                 (call.claims or {}).get("oid")):
+        return False
+    call.error(401, "UnknownError", "")
+    return True
 
 
 def _throttled(call: Call) -> bool:
@@ -792,13 +872,17 @@ def start_job(call: Call) -> None:
 
 
 def _success(call: Call) -> None:
-    golden = call.sim.golden.get(call.record["objectId"] or "")
-    if golden is not None:
+    sim = call.sim
+    in_scope = not sim._take_out_of_scope(call.record["objectId"])
+    golden = sim.golden.get(call.record["objectId"] or "")
+    if golden is not None and in_scope:
         payload = golden["response"]
     else:
         subject = call.body["parameters"][0]["subjects"][0]
+        job = sim._job_config(call.params["servicePrincipalId"], call.params["jobId"]) or {}
         payload = {"@odata.context": odata_context(call.graph_root, call.params.get("version") or "v1.0"),
-                   **generate_success(subject)}
+                   **generate_success(subject, status_info=job.get("templateId") == CROSS_TENANT_TEMPLATE,
+                                      in_scope=in_scope)}
     call.answer(200, payload, content_type=SUCCESS_CONTENT_TYPE)
 
 
@@ -908,6 +992,16 @@ ADMIN_ROUTES: dict[tuple[str, str], Callable[[GraphSimulator, Any, dict[str, str
         _object(body)["servicePrincipalId"], body["jobId"], code=body.get("code", "Active"),
         quarantine=body.get("quarantine"), template_id=body.get("templateId"),
         schedule=body.get("schedule"), http_status=body.get("httpStatus")),
+    # {"objectId", "calls"?}: the next `calls` (1) calls for it answer Skipped / NotEffectivelyEntitled.
+    ("/_sim/out_of_scope", "GET"): lambda sim, body, query: sim.out_of_scope(),
+    ("/_sim/out_of_scope", "POST"): lambda sim, body, query: sim.set_out_of_scope(
+        _object(body)["objectId"], body.get("calls", 1)),
+    ("/_sim/out_of_scope", "DELETE"): _then(GraphSimulator.clear_out_of_scope, GraphSimulator.out_of_scope),
+    # {"servicePrincipalId", "owners": [oid, ...]}: OwnedBy tokens of anyone else get 401 UnknownError.
+    ("/_sim/owners", "GET"): lambda sim, body, query: sim.owners(),
+    ("/_sim/owners", "POST"): lambda sim, body, query: sim.set_owners(
+        _object(body)["servicePrincipalId"], body["owners"]),
+    ("/_sim/owners", "DELETE"): _then(GraphSimulator.clear_owners, GraphSimulator.owners),
     ("/_sim/schemas", "GET"): lambda sim, body, query: sim.configured_schemas(),
     ("/_sim/schemas", "DELETE"): _then(GraphSimulator.clear_schemas, GraphSimulator.configured_schemas),
     # {"servicePrincipalId", "jobId", "synchronizationRules"?, "httpStatus"?}
