@@ -109,3 +109,15 @@ def test_results_echo_the_links():
                            servicePrincipalId=SP, jobId="job", ruleId="rule", subject=item.subject, callIndex=0,
                            callCount=1, attempts=1, receivedAt=item.receivedAt, completedAt=item.receivedAt)
     assert json.loads(result.model_dump_json())["subject"]["owners"] == [OWNER]
+
+
+def test_calls_with_different_links_never_coalesce():
+    from shared.status.store import group_key
+
+    def key(**links: str) -> str:
+        [request] = accept(json.dumps({"objectId": USER, "objectTypeName": "User", **links}), settings())
+        return group_key(request.items[0])
+
+    assert key() == key()
+    assert key(manager=BOSS) == key(manager=BOSS)
+    assert len({key(), key(manager=BOSS), key(manager=OWNER)}) == 3
