@@ -62,6 +62,9 @@ def test_a_users_manager_reaches_graph_and_comes_back_in_the_result(app):
     [call] = graph_calls(app, request_id)
     assert call["body"]["parameters"][0]["subjects"][0]["links"] == {
         "manager": {"objectId": BOSS, "objectTypeName": "User"}}
+    status = httpx.get(f"{app.host.url}/api/provision/{request_id}", timeout=10).json()
+    assert status["calls"][0]["result"]["verdict"] == "created"
+    assert status["calls"][0]["result"]["subject"]["manager"] == BOSS
 
 
 def test_group_owners_in_the_graph_shape_are_sent_as_given(app):
