@@ -829,45 +829,50 @@ def _body_rejected(call: Call) -> bool:
     return False
 
 
-def get_job(call: Call) -> None:
-    sim = call.sim
+@dataclass(frozen=True)
+class _Job:
+    sp: str
+    job_id: str
+    cfg: dict[str, Any] | None  # set_job's configuration
+    schema: dict[str, Any] | None  # set_schema's configuration
+
+
+def _checked_job(call: Call, roles: frozenset[str], *, schema_makes_it_known: bool, failing: str) -> _Job | None:
+    """The job once the shared auth checks pass, the job is known and its configured failure
+    (`failing`: "cfg" or "schema") is not set; None when one of them answered already."""
+    if call.deny(roles):
+        return None
     sp, job_id = call.params["servicePrincipalId"], call.params["jobId"]
-    if call.deny(JOB_READ_ROLES):
-        return
-    cfg = sim._job_config(sp, job_id)
-    if call.deny_unknown_job(cfg is not None) or call.deny_configured_failure((cfg or {}).get("http_status")):
-        return
-    call.answer(200, {"@odata.context": f"{call.graph_root}/{call.params['version']}/$metadata#servicePrincipals"
-                                        f"('{sp}')/synchronization/jobs/$entity", **sim.job(sp, job_id)})
+    with call.sim._lock:
+        schema = copy.deepcopy(call.sim._schemas.get((sp, job_id)))
+    job = _Job(sp, job_id, call.sim._job_config(sp, job_id), schema)
+    known = job.cfg is not None or (schema_makes_it_known and job.schema is not None)
+    if call.deny_unknown_job(known) or call.deny_configured_failure((getattr(job, failing) or {}).get("http_status")):
+        return None
+    return job
+
+
+def get_job(call: Call) -> None:
+    job = _checked_job(call, JOB_READ_ROLES, schema_makes_it_known=False, failing="cfg")
+    if job is not None:
+        call.answer(200, {"@odata.context": f"{call.graph_root}/{call.params['version']}/$metadata#servicePrincipals"
+                                            f"('{job.sp}')/synchronization/jobs/$entity", **call.sim.job(job.sp, job.job_id)})
 
 
 def get_schema(call: Call) -> None:
     """Like GET job: neither scripted nor rate limited."""
-    sim = call.sim
-    sp, job_id = call.params["servicePrincipalId"], call.params["jobId"]
-    if call.deny(JOB_READ_ROLES):
-        return
-    with sim._lock:
-        schema_cfg = copy.deepcopy(sim._schemas.get((sp, job_id)))
-    configured = schema_cfg is not None or sim._job_config(sp, job_id) is not None
-    if call.deny_unknown_job(configured) or call.deny_configured_failure((schema_cfg or {}).get("http_status")):
-        return
-    call.answer(200, sim.schema(sp, job_id))
+    job = _checked_job(call, JOB_READ_ROLES, schema_makes_it_known=True, failing="schema")
+    if job is not None:
+        call.answer(200, call.sim.schema(job.sp, job.job_id))
 
 
 def start_job(call: Call) -> None:
     """Start clears quarantine and resumes a paused job; neither scripted nor rate limited."""
-    sim = call.sim
-    sp, job_id = call.params["servicePrincipalId"], call.params["jobId"]
-    if call.deny(REQUIRED_ROLES):
+    job = _checked_job(call, REQUIRED_ROLES, schema_makes_it_known=True, failing="cfg")
+    if job is None:
         return
-    job_cfg = sim._job_config(sp, job_id)
-    with sim._lock:
-        configured = job_cfg is not None or (sp, job_id) in sim._schemas
-    if call.deny_unknown_job(configured) or call.deny_configured_failure((job_cfg or {}).get("http_status")):
-        return
-    sim.set_job(sp, job_id, code="Active", template_id=(job_cfg or {}).get("templateId"), schedule=None)
-    sim._update(call.record, status=204)
+    call.sim.set_job(job.sp, job.job_id, code="Active", template_id=(job.cfg or {}).get("templateId"), schedule=None)
+    call.sim._update(call.record, status=204)
     call.handler.send_bytes(204, b"", content_type=None, headers=call.base_headers)
 
 
