@@ -138,10 +138,15 @@ def _status_info_value(text: str | None) -> dict[str, Any] | None:
     return {**merged, "provisioningSteps": steps}
 
 
+def _status_info_answer(text: str | None) -> _Answer:
+    value = _status_info_value(text) or {}
+    # Without steps there is nothing to derive a result from: keep what came, as for any unreadable value.
+    return _Answer("statusInfo", None, value, None if value.get("provisioningSteps") else text)
+
+
 def read_answer(answer: GraphKeyValue) -> _Answer:
     if (answer.key or "").strip() == STATUS_INFO_KEY:
-        value = _status_info_value(answer.value)
-        return _Answer("statusInfo", None, value or {}, None if value is not None else answer.value)
+        return _status_info_answer(answer.value)
     key = _loads_object(answer.key)
     value = _loads_object(answer.value)
     raw_value = None if answer.value in (None, "") or value is not None else answer.value

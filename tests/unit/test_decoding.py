@@ -200,6 +200,14 @@ def test_documented_shape_verdicts(key, value, verdict, reason):
     assert (outcome.verdict, outcome.reasonCode) == (verdict, reason)
 
 
+@pytest.mark.parametrize("value", ["[]", '[{"provisioningSteps":[]}]', '[{"other":1}]', '{"a":1}', "[1]"])
+def test_a_statusinfo_answer_without_steps_is_unknown_and_kept_raw(value):
+    outcome = decode(GraphKeyValue(key=STATUS_INFO_KEY, value=value))
+    assert (outcome.answerShape, outcome.result, outcome.verdict, outcome.reasonCode) == (
+        "statusInfo", UNKNOWN_RESULT, "unknown", "Unreadable")
+    assert outcome.rawValue == value and outcome.rawKey is None
+
+
 def test_out_of_scope_says_what_to_do():
     outcome = decode(_status_info(IMPORT, _step("EntrySynchronizationSkip", "Export", "Skipped",
                                                 SkipReason="NotEffectivelyEntitled")))
