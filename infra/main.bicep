@@ -62,6 +62,7 @@ param retryBaseSeconds string = ''
 param retryMaxSeconds string = ''
 param maxExpectedWaitHours string = ''
 param maxBodyBytes string = ''
+param outOfScopeRetryMinutes string = ''
 param webhookSignatureHeader string = ''
 param webhookTimestampHeader string = ''
 param webhookToleranceSeconds string = ''
@@ -250,6 +251,7 @@ var appSettings = {
   RETRY_MAX_SECONDS: retryMaxSeconds
   MAX_EXPECTED_WAIT_HOURS: maxExpectedWaitHours
   MAX_BODY_BYTES: maxBodyBytes
+  OUT_OF_SCOPE_RETRY_MINUTES: outOfScopeRetryMinutes
 
   RULE_CACHE_SECONDS: ruleCacheSeconds
   AUTO_START_QUARANTINED_JOB: autoStartQuarantinedJob

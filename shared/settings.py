@@ -95,6 +95,8 @@ class Settings(BaseSettings):
     retry_max_seconds: float = Field(900.0, alias="RETRY_MAX_SECONDS", gt=0)
     max_expected_wait_hours: float = Field(72.0, alias="MAX_EXPECTED_WAIT_HOURS", gt=0, le=167)
     max_body_bytes: int = Field(262144, alias="MAX_BODY_BYTES", ge=1024)
+    # Make a call again this many minutes after it came back out of scope (shared/graph/out_of_scope.py); 0 = off.
+    out_of_scope_retry_minutes: float = Field(0.0, alias="OUT_OF_SCOPE_RETRY_MINUTES", ge=0, le=1440)
 
     # Optional webhook signatures (shared/intake/signatures.py): off while the secret is empty.
     webhook_hmac_secret: str | None = Field(None, alias="WEBHOOK_HMAC_SECRET", repr=False)

@@ -114,6 +114,8 @@ def to_row(result: ResultMessage) -> dict[str, Any]:
         "CallIndex": result.callIndex,
         "CallCount": result.callCount,
         "Result": result.result,
+        "Verdict": result.verdict,
+        "ReasonCode": result.reasonCode,
         "ErrorCode": result.errorCode,
         "ErrorMessage": result.errorMessage,
         "Action": result.action,
