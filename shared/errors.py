@@ -60,7 +60,12 @@ class StatusStoreUnavailable(ProvisioningError):
 
 
 class SettingsError(ProvisioningError, RuntimeError):
-    """Raised at start-up when configuration is missing or invalid; the message says what to fix."""
+    """Raised at start-up when configuration is missing or invalid; the message says what to fix and
+    `settings` names the app settings involved (names only: safe to show to callers)."""
+
+    def __init__(self, message: str, settings: list[str] | None = None):
+        super().__init__(message)
+        self.settings = settings or []
 
 
 @dataclass

@@ -22,6 +22,7 @@ from shared.intake.validation import (
 )
 from shared.models import GUID_RE, WorkItem
 from shared.operations import poison_sweep as poison
+from shared.operations.readiness import return_parked
 from shared.ratelimit.placement import place, place_now
 from shared.replies import HttpReply
 from shared.runtime import Runtime
@@ -141,3 +142,5 @@ def work_message(raw: bytes | str, rt: Runtime) -> None:
 def lease_upkeep(rt: Runtime) -> None:
     rt.gate_for().ensure_pool()
     poison.sweep(rt)
+    # Runs only with valid settings: what was parked while they were invalid can be processed now.
+    return_parked(rt)

@@ -2,6 +2,7 @@
 locally). Every name here is documented in local.settings.sample.json and the README."""
 from __future__ import annotations
 
+import logging
 import re
 from enum import Enum
 from functools import lru_cache
@@ -10,6 +11,9 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.errors import SettingsError
+from shared.models import GUID_RE
+
+log = logging.getLogger(__name__)
 
 
 class GraphCloud(str, Enum):
@@ -122,6 +126,13 @@ class Settings(BaseSettings):
     logs_batch_size: int = Field(100, alias="LOGS_BATCH_SIZE", ge=1, le=1000)
     logs_timeout_seconds: float = Field(30.0, alias="LOGS_TIMEOUT_SECONDS", gt=0, le=120)
 
+    # Entra ID callers through App Service Authentication (shared/intake/callers.py). The lists are
+    # comma-separated, as the template passes them; kept as text so that pydantic-settings does not
+    # try to read them as JSON.
+    easy_auth_enabled: bool = Field(False, alias="EASY_AUTH_ENABLED")
+    allowed_client_app_ids_text: str = Field("", alias="ALLOWED_CLIENT_APP_IDS")
+    allowed_client_roles_text: str = Field("", alias="ALLOWED_CLIENT_ROLES")
+
     @field_validator("graph_cloud")
     @classmethod
     def _known_cloud(cls, value: str) -> str:
@@ -178,6 +189,18 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _callers_configured(self) -> "Settings":
+        bad = [value for value in self.allowed_client_app_ids if not GUID_RE.match(value)]
+        if bad:
+            raise ValueError(f"ALLOWED_CLIENT_APP_IDS must list client application ids (GUIDs); {len(bad)} "
+                             "entr(y/ies) are not GUIDs")
+        # Easy Auth on with empty lists would refuse every Entra ID caller: surely a mistake.
+        if self.easy_auth_enabled and not (self.allowed_client_app_ids or self.allowed_client_roles):
+            raise ValueError("EASY_AUTH_ENABLED=true needs ALLOWED_CLIENT_APP_IDS or ALLOWED_CLIENT_ROLES: "
+                             "without them no Entra ID caller is admitted")
+        return self
+
+    @model_validator(mode="after")
     def _storage_configured(self) -> "Settings":
         if not (self.storage_connection or self.storage_queue_service_uri or self.storage_account_name):
             raise ValueError(
@@ -198,6 +221,14 @@ class Settings(BaseSettings):
         if self.storage_table_service_uri:
             return self.storage_table_service_uri
         return f"https://{self.storage_account_name}.table.core.windows.net" if self.storage_account_name else None
+
+    @property
+    def allowed_client_app_ids(self) -> frozenset[str]:
+        return frozenset(v.strip().lower() for v in self.allowed_client_app_ids_text.split(",") if v.strip())
+
+    @property
+    def allowed_client_roles(self) -> frozenset[str]:
+        return frozenset(v.strip() for v in self.allowed_client_roles_text.split(",") if v.strip())
 
     @property
     def graph_root(self) -> str:
@@ -223,19 +254,45 @@ class Settings(BaseSettings):
         return (self.rate_limit_window_seconds + self.rate_limit_margin_seconds + SLOT_SLACK_SECONDS) / self.rate_limit_calls
 
 
+SETTING_NAMES = tuple(sorted({f.alias for f in Settings.model_fields.values() if f.alias}, key=len, reverse=True))
+
+
+def _named_settings(message: str) -> list[str]:
+    """App setting names a problem mentions, so that a 503 can name them without their values."""
+    found: list[str] = []
+    for name in SETTING_NAMES:  # longest first, each blanked once found: AzureWebJobsStorage__x is not AzureWebJobsStorage
+        pattern = rf"(?<![A-Za-z0-9_]){re.escape(name)}(?![A-Za-z0-9_])"
+        if re.search(pattern, message):
+            found.append(name)
+            message = re.sub(pattern, " ", message)
+    return sorted(found)
+
+
 def load_settings() -> Settings:
     from pydantic import ValidationError
 
     try:
         return Settings()
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'settings'}: {e['msg'].removeprefix('Value error, ')}"
-            for e in exc.errors()
-        )
-        raise SettingsError(f"Invalid configuration: {problems}") from None
+        problems = [(".".join(str(p) for p in e["loc"]), e["msg"].removeprefix("Value error, ")) for e in exc.errors()]
+        names = sorted({name for loc, msg in problems for name in ([loc] if loc else _named_settings(msg))})
+        text = "; ".join(f"{loc or 'settings'}: {msg}" for loc, msg in problems)
+        raise SettingsError(f"Invalid configuration: {text}", settings=names) from None
 
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
     return load_settings()
+
+
+@lru_cache(maxsize=1)
+def settings_problem() -> SettingsError | None:
+    """None when the settings are valid; otherwise the error, logged as critical once per process
+    (not once per message) so that a bad deployment shows at once without flooding the log."""
+    try:
+        get_settings()
+    except SettingsError as problem:
+        log.critical("%s. HTTP calls answer 503 and queue messages are parked until this is fixed and the app "
+                     "restarted (settings: %s)", problem, ", ".join(problem.settings) or "see message")
+        return problem
+    return None

@@ -21,6 +21,7 @@ from azure.storage.queue import QueueServiceClient
 from shared.errors import GraphFailure
 from shared.graph.client import REQUIRED_ROLES_HINT, GraphClient, job_path
 from shared.ratelimit.token_gate import pool_queue_name
+from shared.operations.readiness import unready_reply
 from shared.replies import HttpReply
 from shared.settings import Settings
 
@@ -254,7 +255,8 @@ def check_lease_pool(settings: Settings, service: QueueServiceClient,
                                            "principal and job to check one")
     name = pool_queue_name(settings.lease_queue, scope, service_principal_id or "", job_id or "")
     calls, window = settings.rate_limit_calls, settings.rate_limit_window_seconds
-    upkeep = ("The lease_upkeep timer seeds the pool at start-up and every 30 s: check that the Function App is "
+    upkeep = ("The first worker call seeds the pool, and the lease_upkeep timer repairs it every 5 minutes (run it "
+              "now: POST /admin/functions/lease_upkeep with the master key): check that the Function App is "
               "running with all its functions enabled, and look for 'lease pool minted' in its logs.")
     state, props = _queue_properties(service, name)
     if state == "missing":
@@ -272,7 +274,7 @@ def check_lease_pool(settings: Settings, service: QueueServiceClient,
         return Check("Lease pool", "fail", f"lease pool {name} has no epoch: it was never seeded", fix=upkeep,
                      details=details)
     clear = (f"Clear the queue's messages (az storage message clear --queue-name {name} --auth-mode login ...); "
-             "the upkeep timer then mints a pool for the current settings within 30 s.")
+             "the next worker call or upkeep run then mints a pool for the current settings.")
     minted_calls = _number(metadata.get("calls"))
     if minted_calls is not None and minted_calls > calls:
         return Check("Lease pool", "fail", f"pool {name} was minted for {metadata.get('calls')} calls but "
@@ -284,7 +286,7 @@ def check_lease_pool(settings: Settings, service: QueueServiceClient,
                                            f"RATE_LIMIT_WINDOW_SECONDS is {window}", fix=clear, details=details)
     if count < calls:
         return Check("Lease pool", "warn", f"pool {name} holds about {count} of {calls} tokens",
-                     fix="Upkeep re-mints a pool that lost tokens within 30 s; if this persists, " + upkeep[0].lower()
+                     fix="Workers and the upkeep timer re-mint a pool that lost tokens; if this persists, " + upkeep[0].lower()
                          + upkeep[1:], details=details)
     return Check("Lease pool", "ok", f"pool {name} is seeded (epoch {str(metadata['epoch'])[:8]}…, about {count} "
                                      f"tokens for {calls} calls per {window} s)", details=details)
@@ -298,12 +300,31 @@ def _number(value: Any) -> float | None:
 
 
 # -- the whole run -----------------------------------------------------------------------------
+def check_settings() -> Check:
+    # A report only exists with valid settings (invalid ones stop the CLI and make /api/health/deep
+    # answer 503 naming them), but operators asked to see it said.
+    return Check("Settings", "ok", "all app settings are valid")
+
+
+def check_callers(settings: Settings) -> Check:
+    apps, roles = len(settings.allowed_client_app_ids), len(settings.allowed_client_roles)
+    details = {"easyAuth": settings.easy_auth_enabled, "allowedClientAppIds": apps, "allowedClientRoles": roles}
+    if not settings.easy_auth_enabled:
+        return Check("Callers", "ok", "Easy Auth off: callers use function keys (and the HMAC signature if set)",
+                     details=details)
+    return Check("Callers", "ok", f"Easy Auth on: Entra ID callers admitted from {apps} client application id(s) "
+                                  f"and {roles} app role(s); callers without a token use function keys or HMAC",
+                 details=details)
+
+
 def run_preflight(settings: Settings, graph: GraphClient, queue_service: QueueServiceClient, *,
                   service_principal_id: str | None = None, job_id: str | None = None) -> Report:
     sp = service_principal_id or settings.default_service_principal_id
     job = job_id or settings.default_job_id
     token_check, token, claims = check_token(settings, graph)
     checks = [
+        check_settings(),
+        check_callers(settings),
         token_check,
         check_roles(claims, token is not None, sp),
         check_job(settings, graph, token, sp, job),
@@ -317,12 +338,13 @@ def run_preflight(settings: Settings, graph: GraphClient, queue_service: QueueSe
 
 # -- HTTP --------------------------------------------------------------------------------------
 def health_reply(params: Mapping[str, str]) -> HttpReply:
-    """The anonymous probe: says the host answers, and nothing about the configuration."""
+    """The anonymous probe: says the host answers and the settings are valid (or names the bad ones,
+    without their values), and nothing else about the configuration."""
     if str(params.get("deep", "")).lower() in ("1", "true", "yes"):
         return HttpReply(401, {"error": {"code": "FunctionKeyRequired",
                                          "message": f"The deep check needs a function key: GET {DEEP_ROUTE} with "
                                                     "header x-functions-key (or ?code=)."}})
-    return HttpReply(200, {"status": "ok"})
+    return unready_reply() or HttpReply(200, {"status": "ok"})
 
 
 def deep_health_reply(settings: Settings, graph: GraphClient, queue_service: QueueServiceClient) -> HttpReply:
