@@ -260,7 +260,9 @@ def check_lease_pool(settings: Settings, service: QueueServiceClient,
               "running with all its functions enabled, and look for 'lease pool minted' in its logs.")
     state, props = _queue_properties(service, name)
     if state == "missing":
-        return Check("Lease pool", "fail", f"lease pool queue {name} does not exist: no instance has seeded it yet",
+        # Not seeded yet is normal before the first call (the first worker call seeds the pool), so a
+        # fresh deployment's availability test does not alert on it: a warning, not a failure.
+        return Check("Lease pool", "warn", f"lease pool queue {name} does not exist: no call has seeded it yet",
                      fix=upkeep, details={"queue": name})
     if state != "ok":
         return Check("Lease pool", "fail", f"cannot read lease pool queue {name} ({props})",
@@ -271,7 +273,7 @@ def check_lease_pool(settings: Settings, service: QueueServiceClient,
                "mintedFor": {"calls": metadata.get("calls"), "window": metadata.get("window")},
                "configured": {"calls": calls, "window": window}}
     if not metadata.get("epoch"):
-        return Check("Lease pool", "fail", f"lease pool {name} has no epoch: it was never seeded", fix=upkeep,
+        return Check("Lease pool", "warn", f"lease pool {name} has no epoch: it has not been seeded yet", fix=upkeep,
                      details=details)
     clear = (f"Clear the queue's messages (az storage message clear --queue-name {name} --auth-mode login ...); "
              "the next worker call or upkeep run then mints a pool for the current settings.")
