@@ -5,7 +5,7 @@
     ├── BacklogTooLong                booking would put a call further out than MAX_EXPECTED_WAIT_HOURS
     ├── RedeliverLater                make the host deliver a queue message again (visibilityTimeout)
     ├── StatusStoreUnavailable        the status table could not be read or written; retry later
-    ├── SettingsError                 configuration missing or invalid at start-up (also a RuntimeError)
+    ├── SettingsError                 configuration missing or invalid (also a RuntimeError); `.settings` names them
     ├── UploadFailed                  the Logs Ingestion API refused or could not be reached
     └── GraphFailure                  a provisionOnDemand (or job/schema) call did not succeed
         ├── GraphThrottled            429: the whole pool holds back for Retry-After

@@ -171,6 +171,10 @@ class Settings(BaseSettings):
             raise ValueError(f"Log Analytics is half configured: {missing[0]} is not set while "
                              f"{next(n for n in given if n not in missing)} is; set both (and RESULTS_SINK=both "
                              "or loganalytics) or neither")
+        return self
+
+    @model_validator(mode="after")
+    def _log_analytics_well_formed(self) -> "Settings":
         if self.logs_ingestion_endpoint and not self.logs_ingestion_endpoint.startswith("https://"):
             raise ValueError("LOGS_INGESTION_ENDPOINT must be an https:// URL (the data collection endpoint or the "
                              "DCR's logsIngestion endpoint); Azure SDKs never send bearer tokens over http")

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-from typing import Mapping
+from collections.abc import Mapping
 
 from pydantic import BaseModel, ValidationError
 

@@ -149,29 +149,36 @@ def check_job(settings: Settings, graph: GraphClient, token: str | None,
         details["quarantine"] = quarantine
     start = (f"POST {settings.graph_root}{job_path(settings.graph_api_version, service_principal_id, job_id)}/start "
              "(or Provisioning > Start provisioning in the Entra admin center), once: don't call it in a loop")
-    name = f"job {job_id}"
+    return _judge_job(f"job {job_id}", code, quarantine, details, start)
+
+
+def _judge_job(name: str, code: str, quarantine: dict[str, Any] | None, details: dict[str, Any],
+               start: str) -> Check:
     lowered = code.lower()
     if lowered == "active" and not quarantine:
         return Check("Job", "ok", f"{name} is Active", details=details)
     if lowered == "quarantine" or quarantine:
-        q = quarantine or {}
-        error = q.get("error") if isinstance(q.get("error"), dict) else {}
-        why = ", ".join(filter(None, [
-            f"reason {q['reason']}" if q.get("reason") else None,
-            f"since {q['currentBegan']}" if q.get("currentBegan") else None,
-            f"next attempt {q['nextAttempt']}" if q.get("nextAttempt") else None,
-        ]))
-        cause = f" {error.get('code')}: {str(error.get('message') or '').rstrip('.')}." if error.get("code") else ""
-        return Check("Job", "fail", f"{name} is in quarantine ({why or 'no details'}).{cause} A quarantined job "
-                                    "runs about once a day.",
-                     fix=f"Fix the cause named above (for credential errors: Provisioning > Admin credentials > Test "
-                         f"connection), then start the job to clear the quarantine: {start}.",
-                     details=details)
+        return _quarantined(name, quarantine or {}, details, start)
     if lowered == "paused":
         return Check("Job", "warn", f"{name} is Paused: its provisioning cycles are stopped",
                      fix=f"If it should run, start it: {start}.", details=details)
     return Check("Job", "warn", f"{name} has status {code}: it has not been started or is not configured",
                  fix=f"Finish the provisioning configuration in the Entra admin center, then start it: {start}.",
+                 details=details)
+
+
+def _quarantined(name: str, q: dict[str, Any], details: dict[str, Any], start: str) -> Check:
+    error = q.get("error") if isinstance(q.get("error"), dict) else {}
+    why = ", ".join(filter(None, [
+        f"reason {q['reason']}" if q.get("reason") else None,
+        f"since {q['currentBegan']}" if q.get("currentBegan") else None,
+        f"next attempt {q['nextAttempt']}" if q.get("nextAttempt") else None,
+    ]))
+    cause = f" {error.get('code')}: {str(error.get('message') or '').rstrip('.')}." if error.get("code") else ""
+    return Check("Job", "fail", f"{name} is in quarantine ({why or 'no details'}).{cause} A quarantined job "
+                                "runs about once a day.",
+                 fix=f"Fix the cause named above (for credential errors: Provisioning > Admin credentials > Test "
+                     f"connection), then start the job to clear the quarantine: {start}.",
                  details=details)
 
 
@@ -275,6 +282,12 @@ def check_lease_pool(settings: Settings, service: QueueServiceClient,
     if not metadata.get("epoch"):
         return Check("Lease pool", "warn", f"lease pool {name} has no epoch: it has not been seeded yet", fix=upkeep,
                      details=details)
+    return _judge_pool(name, metadata, count, settings, details, upkeep)
+
+
+def _judge_pool(name: str, metadata: dict[str, str], count: int, settings: Settings, details: dict[str, Any],
+                upkeep: str) -> Check:
+    calls, window = settings.rate_limit_calls, settings.rate_limit_window_seconds
     clear = (f"Clear the queue's messages (az storage message clear --queue-name {name} --auth-mode login ...); "
              "the next worker call or upkeep run then mints a pool for the current settings.")
     minted_calls = _number(metadata.get("calls"))

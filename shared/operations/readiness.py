@@ -12,11 +12,12 @@ Output bindings use the host's own storage connection, which works whatever the 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Callable, Mapping, TypeVar
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, TypeVar
 
 from shared.errors import RequestRejected
 from shared.intake import callers
-from shared.replies import HttpReply
+from shared.replies import HttpReply, error_reply
 from shared.settings import get_settings, settings_problem
 
 if TYPE_CHECKING:
@@ -94,13 +95,14 @@ def http_door(headers: Mapping[str, str], handle: Callable[[Runtime], HttpReply]
     unready = unready_reply()
     if unready is not None:
         return unready
-    from shared.runtime import runtime  # here, not at the top: /api/health needs the settings only
+    # Imported here, not at the top: /api/health needs the settings only, not the clients.
+    from shared.runtime import runtime
 
     rt = runtime()
     try:
         callers.admit(headers, rt.settings)
     except RequestRejected as rejected:
-        return HttpReply(rejected.status, {"error": rejected.info.model_dump(exclude_none=True)}, rejected.headers)
+        return error_reply(rejected)
     return handle(rt)
 
 
