@@ -21,7 +21,7 @@ from azure.storage.queue import QueueServiceClient
 from shared.errors import GraphFailure
 from shared.graph.client import REQUIRED_ROLES_HINT, GraphClient, job_path
 from shared.ratelimit.token_gate import pool_queue_name
-from shared.operations.readiness import unready_reply
+from shared.operations.readiness import PARKED_SUFFIX, unready_reply
 from shared.replies import HttpReply
 from shared.settings import Settings
 
@@ -307,6 +307,23 @@ def _judge_pool(name: str, metadata: dict[str, str], count: int, settings: Setti
                                      f"tokens for {calls} calls per {window} s)", details=details)
 
 
+def check_parked(settings: Settings, service: QueueServiceClient) -> Check:
+    """Messages parked while the settings were invalid (shared/operations/readiness.py)."""
+    parked: dict[str, int] = {}
+    for source in (settings.intake_queue, settings.work_queue, settings.logs_queue):
+        state, props = _queue_properties(service, source + PARKED_SUFFIX)
+        if state == "ok" and props.approximate_message_count:
+            parked[source + PARKED_SUFFIX] = int(props.approximate_message_count)
+    if not parked:
+        return Check("Parked messages", "ok", "none: no message waits for valid settings")
+    return Check("Parked messages", "warn", "messages parked while the settings were invalid: "
+                 + ", ".join(f"{name} {count}" for name, count in parked.items()),
+                 fix="With valid settings the lease_upkeep timer returns them to their queues within 5 minutes; "
+                     "run it now with POST /admin/functions/lease_upkeep (master key). Log Analytics rows stay "
+                     "parked while RESULTS_SINK does not send them there.",
+                 details={"parked": parked})
+
+
 def _number(value: Any) -> float | None:
     try:
         return float(value)
@@ -345,6 +362,7 @@ def run_preflight(settings: Settings, graph: GraphClient, queue_service: QueueSe
         check_job(settings, graph, token, sp, job),
         check_queues(settings, queue_service),
         check_lease_pool(settings, queue_service, sp, job),
+        check_parked(settings, queue_service),
     ]
     context = {"graph": f"{settings.graph_root} ({settings.graph_api_version}, {settings.graph_cloud})",
                "storage": queue_service.url}

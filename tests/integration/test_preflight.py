@@ -109,7 +109,7 @@ def test_healthy_deployment_passes_every_check(azurite, graph_sims, service):
     create_queues(settings, service)
     report, checks, credential = preflight(settings, graph_sims, service)
     assert report.status == "ok", report.render()
-    assert [c.status for c in report.checks] == ["ok"] * 7
+    assert [c.status for c in report.checks] == ["ok"] * 8
     assert checks["Settings"].summary == "all app settings are valid" and checks["Callers"].details["easyAuth"] is False
     assert checks["Graph roles"].details["roles"] == [FULL]
     assert checks["Job"].details["status"] == "Active" and checks["Job"].details["jobId"] == EXAMPLE_JOB

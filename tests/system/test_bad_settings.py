@@ -78,6 +78,10 @@ def test_bad_setting_answers_503_and_loses_no_message(broken, tmp_path_factory):
     broken.env["RATE_LIMIT_CALLS"] = "5"
     broken.host = start_devhost(broken.env, log_dir=tmp_path_factory.mktemp("fixed-settings"))
     assert httpx.get(f"{broken.host.url}/api/health", timeout=10).status_code == 200
+    deep = httpx.get(f"{broken.host.url}/api/health/deep", timeout=60).json()
+    waiting = next(c for c in deep["checks"] if c["name"] == "Parked messages")
+    assert waiting["status"] == "warn" and waiting["details"]["parked"] == {
+        broken.queues["INTAKE_QUEUE"] + "-parked": 1, broken.queues["WORK_QUEUE"] + "-parked": 1}
     assert httpx.post(f"{broken.host.url}/admin/functions/lease_upkeep", json={}, timeout=10).status_code == 202
     broken.results.wait_for(lambda m: m.get("correlationId") == intake_id, timeout=60)
     broken.results.wait_for(lambda m: m.get("requestId") == work_id, timeout=60)
