@@ -7,6 +7,7 @@ import json
 
 import httpx
 import pytest
+from azure.core.exceptions import ResourceNotFoundError
 
 from scripts.local_stack import EXAMPLE_RULE
 from tests.conftest import IsolatedHost
@@ -30,6 +31,24 @@ def entra(azurite, tmp_path_factory):
                         DEFAULT_RULE_ID=EXAMPLE_RULE)
     yield host
     host.stop()
+
+
+def test_first_call_seeds_a_fresh_pool_without_the_upkeep_timer(entra):
+    # The timer runs every 5 minutes and not at start-up: the first worker call must mint the pool.
+    lease = entra.queue("LEASE_QUEUE")
+    assert not _epoch(lease)
+    accepted = httpx.post(f"{entra.host.url}/api/provision", json=EVENT, headers={"x-functions-key": KEY}, timeout=30)
+    request_id = accepted.json()["requests"][0]["requestId"]
+    entra.results.wait_for(lambda m: m.get("requestId") == request_id, timeout=60)
+    assert _epoch(lease)
+    assert "Executing 'Functions.lease_upkeep'" not in entra.host.log_path.read_text()
+
+
+def _epoch(lease) -> str | None:
+    try:
+        return (lease.get_queue_properties().metadata or {}).get("epoch")
+    except ResourceNotFoundError:
+        return None
 
 
 def test_only_allowed_entra_callers_are_admitted(entra):
