@@ -8,16 +8,19 @@ routes answer 503 naming them and the queue functions park their messages
 (shared/operations/readiness.py)."""
 import json
 import re
-from typing import List
+from typing import TYPE_CHECKING, List
 
 import azure.functions as func
+
+if TYPE_CHECKING:
+    from shared.replies import HttpReply
 
 app = func.FunctionApp(http_auth_level=func.AuthLevel.FUNCTION)
 JSON = "application/json"
 CONNECTION = "AzureWebJobsStorage"
 
 
-def _reply(reply) -> func.HttpResponse:  # a shared.replies.HttpReply
+def _reply(reply: "HttpReply") -> func.HttpResponse:
     return func.HttpResponse(reply.json(), status_code=reply.status, headers=reply.headers, mimetype=JSON)
 
 

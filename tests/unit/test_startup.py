@@ -9,6 +9,7 @@ import subprocess
 import sys
 from functools import lru_cache
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -143,6 +144,16 @@ def test_queue_functions_park_their_message_instead_of_raising(env, name):
 def test_log_rows_are_parked_while_the_sink_is_off(env):
     env(AzureWebJobsStorage="UseDevelopmentStorage=true", RESULTS_SINK="queue")
     assert readiness.must_park(for_logs=True) and not readiness.must_park()
+
+
+@pytest.mark.parametrize("sink, returned", [("queue", {"provision-requests", "provision-work"}),
+                                            ("both", {"provision-requests", "provision-work", "provision-logs"})])
+def test_upkeep_returns_log_rows_only_to_a_sink_that_takes_them(env, sink, returned):
+    env()
+    logs = {} if sink == "queue" else {"LOGS_INGESTION_ENDPOINT": "https://dce.example.ingest.monitor.azure.com",
+                                       "LOGS_DCR_IMMUTABLE_ID": "dcr-" + "0" * 32}
+    rt = SimpleNamespace(settings=Settings(AzureWebJobsStorage="UseDevelopmentStorage=true", RESULTS_SINK=sink, **logs))
+    assert readiness.parked_queues(rt) == {name + readiness.PARKED_SUFFIX: name for name in returned}
 
 
 # -- Easy Auth ------------------------------------------------------------------------------------
