@@ -75,8 +75,10 @@ class Settings(BaseSettings):
     default_job_id: str | None = Field(None, alias="DEFAULT_JOB_ID")
     default_rule_id: str | None = Field(None, alias="DEFAULT_RULE_ID")
 
-    intake_queue: str = Field("provision-requests", alias="INTAKE_QUEUE")
-    work_queue: str = Field("provision-work", alias="WORK_QUEUE")
+    # Queue names have at most 63 characters; these three get "-parked" and "-poison" siblings
+    # (https://learn.microsoft.com/rest/api/storageservices/naming-queues-and-metadata).
+    intake_queue: str = Field("provision-requests", alias="INTAKE_QUEUE", max_length=56)
+    work_queue: str = Field("provision-work", alias="WORK_QUEUE", max_length=56)
     results_queue: str = Field("provision-results", alias="RESULTS_QUEUE")
     deadletter_queue: str = Field("provision-deadletter", alias="DEADLETTER_QUEUE")
     lease_queue: str = Field("provision-leases", alias="LEASE_QUEUE")
@@ -121,7 +123,7 @@ class Settings(BaseSettings):
     logs_ingestion_endpoint: str | None = Field(None, alias="LOGS_INGESTION_ENDPOINT")
     logs_dcr_immutable_id: str | None = Field(None, alias="LOGS_DCR_IMMUTABLE_ID")
     logs_stream_name: str = Field("Custom-ProvisioningResults_CL", alias="LOGS_STREAM_NAME")
-    logs_queue: str = Field("provision-logs", alias="LOGS_QUEUE")
+    logs_queue: str = Field("provision-logs", alias="LOGS_QUEUE", max_length=56)
     logs_max_attempts: int = Field(10, alias="LOGS_MAX_ATTEMPTS", ge=1, le=100)
     logs_batch_size: int = Field(100, alias="LOGS_BATCH_SIZE", ge=1, le=1000)
     logs_timeout_seconds: float = Field(30.0, alias="LOGS_TIMEOUT_SECONDS", gt=0, le=120)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from shared.errors import RequestRejected
 from shared.intake import callers
@@ -40,11 +40,10 @@ def unready_reply(detailed: bool = False) -> HttpReply | None:
     names = ", ".join(problem.settings) or "(see the Function App log)"
     message = (f"the app's configuration is invalid ({names}): nothing is accepted until an operator fixes "
                "these app settings and restarts the app; queued work is kept")
-    details = [{"setting": name} for name in problem.settings]
+    details: list[dict[str, Any]] = [{"setting": name} for name in problem.settings]
     if detailed:
         details.append({"problem": str(problem)})
-    return HttpReply(503, {"error": {"code": "SettingsInvalid", "message": message, "details": details}},
-                     headers={"Retry-After": "300"})
+    return error_reply(RequestRejected(503, "SettingsInvalid", message, details, headers={"Retry-After": "300"}))
 
 
 def must_park(for_logs: bool = False) -> bool:

@@ -207,6 +207,7 @@ def test_with_easy_auth_off_the_header_is_nobodys_word():
 
 @pytest.mark.parametrize("values, named", [
     ({"EASY_AUTH_ENABLED": "true"}, "EASY_AUTH_ENABLED"),
+    ({"WORK_QUEUE": "w" * 57}, "WORK_QUEUE"),  # no room left for "-parked"
     ({"ALLOWED_CLIENT_APP_IDS": "my-logic-app"}, "ALLOWED_CLIENT_APP_IDS"),
 ])
 def test_easy_auth_settings_are_checked(env, values, named):
