@@ -75,8 +75,7 @@ class Settings(BaseSettings):
     default_job_id: str | None = Field(None, alias="DEFAULT_JOB_ID")
     default_rule_id: str | None = Field(None, alias="DEFAULT_RULE_ID")
 
-    # Queue names have at most 63 characters; these three get "-parked" and "-poison" siblings
-    # (https://learn.microsoft.com/rest/api/storageservices/naming-queues-and-metadata).
+    # At most 63 characters, with "-parked"/"-poison" (learn.microsoft.com/rest/api/storageservices/naming-queues-and-metadata)
     intake_queue: str = Field("provision-requests", alias="INTAKE_QUEUE", max_length=56)
     work_queue: str = Field("provision-work", alias="WORK_QUEUE", max_length=56)
     results_queue: str = Field("provision-results", alias="RESULTS_QUEUE")
@@ -128,9 +127,8 @@ class Settings(BaseSettings):
     logs_batch_size: int = Field(100, alias="LOGS_BATCH_SIZE", ge=1, le=1000)
     logs_timeout_seconds: float = Field(30.0, alias="LOGS_TIMEOUT_SECONDS", gt=0, le=120)
 
-    # Entra ID callers through App Service Authentication (shared/intake/callers.py). The lists are
-    # comma-separated, as the template passes them; kept as text so that pydantic-settings does not
-    # try to read them as JSON.
+    # Entra ID callers (shared/intake/callers.py). The lists are comma-separated, as the template passes
+    # them: kept as text, or pydantic-settings would read them as JSON.
     easy_auth_enabled: bool = Field(False, alias="EASY_AUTH_ENABLED")
     allowed_client_app_ids_text: str = Field("", alias="ALLOWED_CLIENT_APP_IDS")
     allowed_client_roles_text: str = Field("", alias="ALLOWED_CLIENT_ROLES")
@@ -198,12 +196,10 @@ class Settings(BaseSettings):
     def _callers_configured(self) -> "Settings":
         bad = [value for value in self.allowed_client_app_ids if not GUID_RE.match(value)]
         if bad:
-            raise ValueError(f"ALLOWED_CLIENT_APP_IDS must list client application ids (GUIDs); {len(bad)} "
-                             "entr(y/ies) are not GUIDs")
+            raise ValueError(f"ALLOWED_CLIENT_APP_IDS must list client application ids (GUIDs); {len(bad)} are not")
         # Easy Auth on with empty lists would refuse every Entra ID caller: surely a mistake.
         if self.easy_auth_enabled and not (self.allowed_client_app_ids or self.allowed_client_roles):
-            raise ValueError("EASY_AUTH_ENABLED=true needs ALLOWED_CLIENT_APP_IDS or ALLOWED_CLIENT_ROLES: "
-                             "without them no Entra ID caller is admitted")
+            raise ValueError("EASY_AUTH_ENABLED=true needs ALLOWED_CLIENT_APP_IDS or ALLOWED_CLIENT_ROLES (or none is admitted)")
         return self
 
     @model_validator(mode="after")
