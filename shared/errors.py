@@ -5,7 +5,7 @@
     ├── BacklogTooLong                booking would put a call further out than MAX_EXPECTED_WAIT_HOURS
     ├── RedeliverLater                make the host deliver a queue message again (visibilityTimeout)
     ├── StatusStoreUnavailable        the status table could not be read or written; retry later
-    ├── SettingsError                 configuration missing or invalid at start-up (also a RuntimeError)
+    ├── SettingsError                 configuration missing or invalid (also a RuntimeError); `.settings` names them
     ├── UploadFailed                  the Logs Ingestion API refused or could not be reached
     └── GraphFailure                  a provisionOnDemand (or job/schema) call did not succeed
         ├── GraphThrottled            429: the whole pool holds back for Retry-After
@@ -60,7 +60,12 @@ class StatusStoreUnavailable(ProvisioningError):
 
 
 class SettingsError(ProvisioningError, RuntimeError):
-    """Raised at start-up when configuration is missing or invalid; the message says what to fix."""
+    """Raised at start-up when configuration is missing or invalid; the message says what to fix and
+    `settings` names the app settings involved (names only: safe to show to callers)."""
+
+    def __init__(self, message: str, settings: list[str] | None = None):
+        super().__init__(message)
+        self.settings = settings or []
 
 
 @dataclass

@@ -22,16 +22,13 @@ from shared.intake.validation import (
 )
 from shared.models import GUID_RE, WorkItem
 from shared.operations import poison_sweep as poison
+from shared.operations.readiness import return_parked
 from shared.ratelimit.placement import place, place_now
-from shared.replies import HttpReply
+from shared.replies import HttpReply, error_reply
 from shared.runtime import Runtime
 from shared.worker import handle_work_message
 
 log = logging.getLogger(__name__)
-
-
-def _error_reply(rejected: RequestRejected) -> HttpReply:
-    return HttpReply(rejected.status, {"error": rejected.info.model_dump(exclude_none=True)}, rejected.headers)
 
 
 def _enqueue(accepted: list[AcceptedRequest], rt: Runtime) -> list[str]:
@@ -86,9 +83,9 @@ def provision_http(body: bytes, headers: Mapping[str, str], rt: Runtime,
             return HttpReply(200, dryrun.describe(accepted, rt.settings))
         work = _enqueue(accepted, rt)
     except RequestRejected as rejected:
-        return _error_reply(rejected)
+        return error_reply(rejected)
     except StatusStoreUnavailable:
-        return _error_reply(_status_unavailable())
+        return error_reply(_status_unavailable())
     log.info("accepted %d request(s), %d call(s) over HTTP", len(accepted), sum(len(a.items) for a in accepted))
     return HttpReply(202, {"accepted": len(accepted), "requests": [a.summary() for a in accepted]}, work=work)
 
@@ -122,15 +119,15 @@ def intake_message(raw: bytes | str, rt: Runtime, delivery: int = 1) -> list[str
 def request_status(request_id: str, rt: Runtime) -> HttpReply:
     """GET /api/provision/{requestId}: where the request stands, its ETA, and its results."""
     if not GUID_RE.match(request_id or ""):
-        return _error_reply(RequestRejected(400, "InvalidRequestId",
+        return error_reply(RequestRejected(400, "InvalidRequestId",
                                             "requestId must be the GUID from the 202 answer of POST /api/provision"))
     s = rt.settings
     try:
         status = rt.status.read(request_id.lower(), s.slot_spacing, s.graph_timeout_seconds)
     except StatusStoreUnavailable:
-        return _error_reply(_status_unavailable())
+        return error_reply(_status_unavailable())
     if status is None:
-        return _error_reply(RequestRejected(404, "RequestNotFound", f"no request {request_id} is known here"))
+        return error_reply(RequestRejected(404, "RequestNotFound", f"no request {request_id} is known here"))
     return HttpReply(200, status.model_dump(mode="json", exclude_none=True))
 
 
@@ -141,3 +138,5 @@ def work_message(raw: bytes | str, rt: Runtime) -> None:
 def lease_upkeep(rt: Runtime) -> None:
     rt.gate_for().ensure_pool()
     poison.sweep(rt)
+    # Runs only with valid settings: what was parked while they were invalid can be processed now.
+    return_parked(rt)
