@@ -32,6 +32,12 @@ def provision(req: func.HttpRequest, work: func.Out[List[str]]) -> func.HttpResp
     return _reply(reply)
 
 
+# Azure Event Grid's CloudEvents webhook validation (shared/intake/cloudevents.py).
+@app.route(route="provision", methods=["OPTIONS"])
+def provision_handshake(req: func.HttpRequest) -> func.HttpResponse:
+    return _reply(handlers.cloudevents_handshake(dict(req.headers)))
+
+
 @app.route(route="provision/{requestId}", methods=["GET"])
 def provision_status(req: func.HttpRequest) -> func.HttpResponse:
     return _reply(handlers.request_status(req.route_params.get("requestId", ""), runtime()))

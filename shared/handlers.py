@@ -11,6 +11,7 @@ from shared.errors import (
     RequestRejected,
     StatusStoreUnavailable,
 )
+from shared.intake import cloudevents
 from shared.intake import dry_run as dryrun
 from shared.intake.rule_discovery import RuleResolver, cache_for
 from shared.intake.signatures import verify as verify_signature
@@ -74,13 +75,28 @@ def _rule_lookup(rt: Runtime) -> RuleResolver:
     return RuleResolver(rt.graph, cache_for(rt.settings.rule_cache_seconds))
 
 
+def _accept_http(text: str, headers: Mapping[str, str], rt: Runtime) -> list[AcceptedRequest]:
+    if not cloudevents.is_cloudevent(headers):
+        return accept(text, rt.settings, rules=_rule_lookup(rt))
+    events = cloudevents.unwrap(text, headers)
+    # Merge note: cloudevents.cloudevent_idempotency_key(event.ref()) per event is the key to hand to the
+    # Idempotency-Key mechanism (shared/intake/idempotency.py) in place of the header.
+    accepted = accept(cloudevents.data_text(events, headers), rt.settings, rules=_rule_lookup(rt))
+    return cloudevents.stamp(accepted, events)
+
+
+def cloudevents_handshake(headers: Mapping[str, str]) -> HttpReply:
+    """OPTIONS /api/provision: Event Grid's CloudEvents abuse-protection handshake."""
+    return cloudevents.abuse_protection(headers)
+
+
 def provision_http(body: bytes, headers: Mapping[str, str], rt: Runtime,
                    params: Mapping[str, str] | None = None) -> HttpReply:
     try:
         # First: an unsigned caller learns nothing else about what we would accept.
         verify_signature(body, headers, rt.settings)
         text = check_http_request(body, headers, rt.settings)
-        accepted = accept(text, rt.settings, rules=_rule_lookup(rt))
+        accepted = _accept_http(text, headers, rt)
         if dryrun.wanted(params):
             # -WhatIf: nothing booked, no capacity taken, nothing sent to Graph.
             return HttpReply(200, dryrun.describe(accepted, rt.settings))

@@ -183,6 +183,15 @@ class Subject(BaseModel):
     members: list[str] | None = None
 
 
+class CloudEventRef(BaseModel):
+    """The CloudEvent a request came in (shared/intake/cloudevents.py), carried into its results."""
+
+    type: str
+    subject: str | None = None
+    source: str
+    id: str
+
+
 class Follower(BaseModel):
     """A call that joined an equal waiting call instead of making its own (shared/status/store.py)."""
 
@@ -191,6 +200,7 @@ class Follower(BaseModel):
     callCount: int
     correlationId: str | None = None
     receivedAt: datetime
+    event: CloudEventRef | None = None
 
     @property
     def call_id(self) -> str:
@@ -223,6 +233,7 @@ class WorkItem(BaseModel):
     coalesceKey: str | None = None
     openEtag: str | None = None
     followers: list[Follower] = Field(default_factory=list)
+    event: CloudEventRef | None = None  # when the request came as a CloudEvent
 
     @property
     def call_id(self) -> str:
@@ -332,6 +343,7 @@ class ResultMessage(Outcome):
     callsSaved: int = 0  # other requests this call served (coalescing): Graph calls not made
     servedBy: str | None = None  # the resultId of the call that served this request, when coalesced
     jobStatus: JobStatus | None = None  # only when the failure pointed at the job (shared/graph/job_guard.py)
+    event: CloudEventRef | None = None  # the CloudEvent the request came in, if it came as one
 
 
 class ErrorInfo(BaseModel):

@@ -135,14 +135,14 @@ def _emit(item: WorkItem, rt: Runtime, outcome: Outcome, failure: GraphFailure |
         servicePrincipalId=item.servicePrincipalId, jobId=item.jobId, ruleId=item.ruleId,
         subject=item.subject, callIndex=item.callIndex, callCount=item.callCount,
         attempts=item.attempts, receivedAt=item.receivedAt, completedAt=utcnow(), jobStatus=job_status,
-        priority=item.priority, callsSaved=len(item.followers),
+        priority=item.priority, callsSaved=len(item.followers), event=item.event,
     )
     if rt.settings.redact_pii:  # before every sink: queue and Log Analytics alike
         result = redact(result, rt.settings.redact_pii_salt or "")
     results = [result] + [result.model_copy(update={
         "resultId": f.call_id, "requestId": f.requestId, "correlationId": f.correlationId,
         "callIndex": f.callIndex, "callCount": f.callCount, "receivedAt": f.receivedAt,
-        "callsSaved": 0, "servedBy": result.resultId}) for f in item.followers]
+        "callsSaved": 0, "servedBy": result.resultId, "event": f.event}) for f in item.followers]
     for each in results:
         for sink in rt.sinks:
             sink.emit(each)
