@@ -13,6 +13,7 @@ from shared.errors import (
 )
 from shared.intake import cloudevents
 from shared.intake import dry_run as dryrun
+from shared.intake.names import NameResolver
 from shared.intake.rule_discovery import RuleResolver, cache_for
 from shared.intake.signatures import verify as verify_signature
 from shared.intake.validation import (
@@ -75,13 +76,21 @@ def _rule_lookup(rt: Runtime) -> RuleResolver:
     return RuleResolver(rt.graph, cache_for(rt.settings.rule_cache_seconds))
 
 
+def _name_lookup(rt: Runtime) -> NameResolver:
+    return NameResolver(rt.graph, cache_for(rt.settings.name_cache_seconds), rt.settings)
+
+
+def _accept(text: str, rt: Runtime) -> list[AcceptedRequest]:
+    return accept(text, rt.settings, rules=_rule_lookup(rt), names=_name_lookup(rt))
+
+
 def _accept_http(text: str, headers: Mapping[str, str], rt: Runtime) -> list[AcceptedRequest]:
     if not cloudevents.is_cloudevent(headers):
-        return accept(text, rt.settings, rules=_rule_lookup(rt))
+        return _accept(text, rt)
     events = cloudevents.unwrap(text, headers)
     # Merge note: cloudevents.cloudevent_idempotency_key(event.ref()) per event is the key to hand to the
     # Idempotency-Key mechanism (shared/intake/idempotency.py) in place of the header.
-    accepted = accept(cloudevents.data_text(events, headers), rt.settings, rules=_rule_lookup(rt))
+    accepted = _accept(cloudevents.data_text(events, headers), rt)
     return cloudevents.stamp(accepted, events)
 
 
@@ -111,7 +120,7 @@ def provision_http(body: bytes, headers: Mapping[str, str], rt: Runtime,
 
 # As host.json's maxDequeueCount: the last delivery dead-letters with the reason instead of raising.
 INTAKE_DELIVERIES = 5
-TRANSIENT_INTAKE_CODES = {"SchemaUnavailable"}
+TRANSIENT_INTAKE_CODES = {"SchemaUnavailable", "DirectoryUnavailable"}
 
 
 def intake_message(raw: bytes | str, rt: Runtime, delivery: int = 1) -> list[str]:
@@ -120,7 +129,7 @@ def intake_message(raw: bytes | str, rt: Runtime, delivery: int = 1) -> list[str
     is retried through the queue, and dead-lettered (replayable) on the last delivery."""
     original = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
     try:
-        accepted = accept(decode_queue_text(raw), rt.settings, rules=_rule_lookup(rt))
+        accepted = _accept(decode_queue_text(raw), rt)
         work = _enqueue(accepted, rt)
     except RequestRejected as rejected:
         if rejected.info.code in TRANSIENT_INTAKE_CODES and delivery < INTAKE_DELIVERIES:

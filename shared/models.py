@@ -13,6 +13,7 @@ from pydantic import (
     StringConstraints,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 
 GUID_RE = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
@@ -37,6 +38,14 @@ OBJECT_ID_FORMS = {
     "user": (DN_RE, "an AD distinguished name such as CN=Ada,OU=Staff,DC=corp,DC=example"),
     "Worker": (WORKER_ID_RE, "a Workday Worker ID (letters, digits, '.', '_' or '-', at most 64)"),
 }
+
+
+# Subjects by name (shared/intake/names.py): what may stand for objectId, per objectTypeName.
+NAME_PROPERTIES: dict[str, tuple[str, ...]] = {
+    "User": ("userPrincipalName", "mail", "employeeId"),
+    "Group": ("mailNickname", "displayName"),
+}
+DirectoryName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=256)]
 
 
 def utcnow() -> datetime:
@@ -65,8 +74,8 @@ def _check_rule(value: str | None) -> str | None:
     return value
 
 
-def _check_object_id(object_id: str, type_name: str | None) -> str:
-    if type_name is None:  # objectTypeName itself failed; its own error says why
+def _check_object_id(object_id: str | None, type_name: str | None) -> str | None:
+    if type_name is None or object_id is None:  # objectTypeName failed (its own error says why), or a name is given
         return object_id
     pattern, form = OBJECT_ID_FORMS[type_name]
     if not pattern.match(object_id):
@@ -95,15 +104,49 @@ class Links(_Strict):
     members: list[Member] = Field(default_factory=list, max_length=MAX_MEMBERS_PER_REQUEST)
 
 
-class GraphSubject(_Strict):
+class SubjectName(BaseModel):
+    """The name a caller gave in place of objectId, kept beside the object id it resolved to."""
+
+    property: str
+    value: str
+
+
+class _ByName(_Strict):
+    """objectId, or one name that stands for it (NAME_PROPERTIES), resolved at intake."""
+
     # objectTypeName comes first so that objectId can be checked against it.
     objectTypeName: ObjectTypeName
-    objectId: str = Field(min_length=1, max_length=512)
+    objectId: str | None = Field(None, min_length=1, max_length=512)
+    userPrincipalName: DirectoryName | None = None
+    mail: DirectoryName | None = None
+    employeeId: DirectoryName | None = None
+    mailNickname: DirectoryName | None = None
+    displayName: DirectoryName | None = None
+
+    def subject_name(self) -> SubjectName | None:
+        given = [(p, getattr(self, p)) for props in NAME_PROPERTIES.values() for p in props if getattr(self, p)]
+        return SubjectName(property=given[0][0], value=given[0][1]) if given else None
+
+    @model_validator(mode="after")
+    def _one_identifier(self) -> "_ByName":
+        type_name = self.objectTypeName
+        allowed = NAME_PROPERTIES.get(type_name, ())
+        given = [p for props in NAME_PROPERTIES.values() for p in props if getattr(self, p)]
+        if wrong := [p for p in given if p not in allowed]:
+            hint = f"for {type_name!r} use one of {', '.join(allowed)}" if allowed else f"{type_name!r} needs objectId"
+            raise ValueError(f"{wrong[0]} cannot name a subject of objectTypeName {type_name!r}: {hint}")
+        if len(given) + (self.objectId is not None) != 1:
+            names = " or ".join(("objectId",) + allowed)
+            raise ValueError(f"give exactly one of {names}")
+        return self
+
+
+class GraphSubject(_ByName):
     links: Links | None = None
 
     @field_validator("objectId")
     @classmethod
-    def _object_id(cls, v: str, info: ValidationInfo) -> str:
+    def _object_id(cls, v: str | None, info: ValidationInfo) -> str | None:
         return _check_object_id(v, info.data.get("objectTypeName"))
 
     @field_validator("links")
@@ -125,6 +168,7 @@ class GraphBodyEvent(_Strict):
 
     parameters: list[GraphParameter] = Field(min_length=1, max_length=100)
     servicePrincipalId: str | None = None
+    application: DirectoryName | None = None  # display name or appId, in place of servicePrincipalId
     jobId: str | None = None
     correlationId: CorrelationId | None = None
     priority: Priority = "normal"
@@ -135,13 +179,12 @@ class GraphBodyEvent(_Strict):
     _job = field_validator("jobId")(classmethod(lambda cls, v: _check_job(v)))
 
 
-class CompactEvent(_Strict):
+class CompactEvent(_ByName):
     """Shape (b): one subject in a flat event, as an HR system or webhook would send it."""
 
-    objectTypeName: ObjectTypeName
-    objectId: str = Field(min_length=1, max_length=512)
     ruleId: str | None = None
     servicePrincipalId: str | None = None
+    application: DirectoryName | None = None  # display name or appId, in place of servicePrincipalId
     jobId: str | None = None
     members: list[Member] | None = Field(None, max_length=MAX_MEMBERS_PER_REQUEST)
     correlationId: CorrelationId | None = None
@@ -153,7 +196,7 @@ class CompactEvent(_Strict):
 
     @field_validator("objectId")
     @classmethod
-    def _object_id(cls, v: str, info: ValidationInfo) -> str:
+    def _object_id(cls, v: str | None, info: ValidationInfo) -> str | None:
         return _check_object_id(v, info.data.get("objectTypeName"))
 
     @field_validator("members", mode="before")
@@ -172,7 +215,8 @@ class CompactEvent(_Strict):
 
     def as_subject(self) -> GraphSubject:
         links = Links(members=self.members) if self.members else None
-        return GraphSubject(objectId=self.objectId, objectTypeName=self.objectTypeName, links=links)
+        names = {p: getattr(self, p) for p in NAME_PROPERTIES.get(self.objectTypeName, ()) if getattr(self, p)}
+        return GraphSubject(objectId=self.objectId, objectTypeName=self.objectTypeName, links=links, **names)
 
 
 class Subject(BaseModel):
@@ -181,6 +225,7 @@ class Subject(BaseModel):
     objectId: str
     objectTypeName: ObjectTypeName
     members: list[str] | None = None
+    name: SubjectName | None = None  # the name the caller gave in place of objectId
 
 
 class CloudEventRef(BaseModel):
@@ -201,6 +246,7 @@ class Follower(BaseModel):
     correlationId: str | None = None
     receivedAt: datetime
     event: CloudEventRef | None = None
+    subject: Subject | None = None  # its own: an equal call may have named the subject differently
 
     @property
     def call_id(self) -> str:

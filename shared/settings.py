@@ -109,6 +109,8 @@ class Settings(BaseSettings):
 
     # Rule discovery (shared/intake/rule_discovery.py) and the quarantine guard (shared/graph/job_guard.py).
     rule_cache_seconds: float = Field(600.0, alias="RULE_CACHE_SECONDS", ge=0, le=86400)
+    # Subjects and applications by name (shared/intake/names.py): how long a unique answer is reused.
+    name_cache_seconds: float = Field(600.0, alias="NAME_CACHE_SECONDS", ge=0, le=86400)
     auto_start_quarantined_job: bool = Field(False, alias="AUTO_START_QUARANTINED_JOB")
     # A queue message can hide for 7 days at most, and that hidden message is the cooldown.
     auto_start_cooldown_seconds: int = Field(3600, alias="AUTO_START_COOLDOWN_SECONDS", ge=1, le=604800)
