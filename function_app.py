@@ -64,6 +64,13 @@ if settings.logs_enabled:
         log_analytics.upload_message(msg.get_body(), runtime())
 
 
+# Results POSTed to callbackUrl (shared/results/callbacks.py); registered only when callbacks are enabled.
+if settings.callback_hosts:
+    @app.queue_trigger(arg_name="msg", queue_name="%CALLBACK_QUEUE%", connection="AzureWebJobsStorage")
+    def callback_delivery(msg: func.QueueMessage) -> None:
+        handlers.callback_message(msg.get_body(), runtime())
+
+
 @app.timer_trigger(arg_name="timer", schedule="*/30 * * * * *", run_on_startup=True)
 def lease_upkeep(timer: func.TimerRequest) -> None:
     handlers.lease_upkeep(runtime())

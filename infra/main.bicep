@@ -77,6 +77,11 @@ param logsMaxAttempts string = ''
 param logsBatchSize string = ''
 param logsTimeoutSeconds string = ''
 param ruleCacheSeconds string = ''
+param nameCacheSeconds string = ''
+@description('Hosts results may be POSTed to (callbackUrl), comma-separated; empty turns callbacks off.')
+param callbackAllowedHosts string = ''
+param callbackMaxAttempts string = ''
+param callbackTimeoutSeconds string = ''
 param autoStartCooldownSeconds string = ''
 @description('Share of the rate that high-priority requests may take while normal ones wait (0-0.95).')
 param highPriorityShare string = ''
@@ -84,6 +89,8 @@ param highPriorityShare string = ''
 param coalesceRequests string = 'true'
 @description('The table that holds request status (letters and digits).')
 param statusTable string = 'provisionstatus'
+@description('Table where each result callback\'s state is kept (shared/results/callbacks.py).')
+param callbackTable string = 'provisioncallbacks'
 
 @description('Start a quarantined job (never a paused one) when a call finds it so, at most once per cooldown.')
 @allowed(['true', 'false'])
@@ -117,6 +124,7 @@ var queueNames = {
   deadletter: 'provision-deadletter'
   lease: 'provision-leases'
   logs: 'provision-logs'
+  callbacks: 'provision-callbacks'
 }
 var allQueues = [
   queueNames.intake
@@ -125,6 +133,7 @@ var allQueues = [
   queueNames.deadletter
   queueNames.lease
   queueNames.logs
+  queueNames.callbacks
 ]
 var deploymentContainerName = 'app-package'
 var containerNames = [
@@ -158,7 +167,7 @@ module storage 'modules/storage.bicep' = {
     tags: tags
     queueNames: allQueues
     containerNames: containerNames
-    tableNames: [statusTable]
+    tableNames: [statusTable, callbackTable]
   }
 }
 
@@ -215,6 +224,8 @@ var appSettings = {
   DEADLETTER_QUEUE: queueNames.deadletter
   LEASE_QUEUE: queueNames.lease
   STATUS_TABLE: statusTable
+  CALLBACK_QUEUE: queueNames.callbacks
+  CALLBACK_TABLE: callbackTable
   COALESCE_REQUESTS: coalesceRequests
   HIGH_PRIORITY_SHARE: highPriorityShare
 
@@ -233,6 +244,7 @@ var appSettings = {
   MAX_BODY_BYTES: maxBodyBytes
 
   RULE_CACHE_SECONDS: ruleCacheSeconds
+  NAME_CACHE_SECONDS: nameCacheSeconds
   AUTO_START_QUARANTINED_JOB: autoStartQuarantinedJob
   AUTO_START_COOLDOWN_SECONDS: autoStartCooldownSeconds
 
@@ -242,6 +254,12 @@ var appSettings = {
   WEBHOOK_TOLERANCE_SECONDS: webhookToleranceSeconds
   REDACT_PII: redactPii
   REDACT_PII_SALT: redactPiiSalt
+
+  CALLBACK_ALLOWED_HOSTS: callbackAllowedHosts
+  // Loopback receivers are for local development only.
+  CALLBACK_ALLOW_LOOPBACK: 'false'
+  CALLBACK_MAX_ATTEMPTS: callbackMaxAttempts
+  CALLBACK_TIMEOUT_SECONDS: callbackTimeoutSeconds
 
   RESULTS_SINK: resultsSink
   LOGS_INGESTION_ENDPOINT: monitoring.outputs.logsIngestionEndpoint

@@ -25,6 +25,7 @@ from shared.intake.validation import (
 from shared.models import GUID_RE, WorkItem
 from shared.operations import poison_sweep as poison
 from shared.ratelimit.placement import place, place_now
+from shared.results import callbacks
 from shared.replies import HttpReply
 from shared.runtime import Runtime
 from shared.worker import handle_work_message
@@ -81,7 +82,11 @@ def _name_lookup(rt: Runtime) -> NameResolver:
 
 
 def _accept(text: str, rt: Runtime) -> list[AcceptedRequest]:
-    return accept(text, rt.settings, rules=_rule_lookup(rt), names=_name_lookup(rt))
+    accepted = accept(text, rt.settings, rules=_rule_lookup(rt), names=_name_lookup(rt))
+    bulk = len(accepted) > 1
+    callbacks.check_requests(((f"[{i}].callbackUrl" if bulk else "callbackUrl", a.items[0].callbackUrl)
+                              for i, a in enumerate(accepted) if a.items and a.items[0].callbackUrl), rt.settings)
+    return accepted
 
 
 def _accept_http(text: str, headers: Mapping[str, str], rt: Runtime) -> list[AcceptedRequest]:
@@ -156,7 +161,15 @@ def request_status(request_id: str, rt: Runtime) -> HttpReply:
         return _error_reply(_status_unavailable())
     if status is None:
         return _error_reply(RequestRejected(404, "RequestNotFound", f"no request {request_id} is known here"))
+    states = rt.callbacks.states(request_id.lower())
+    status = status.model_copy(update={"callbacks": states or None})
     return HttpReply(200, status.model_dump(mode="json", exclude_none=True))
+
+
+def callback_message(raw: bytes | str, rt: Runtime) -> None:
+    """One delivery attempt of a result to its callbackUrl (shared/results/callbacks.py)."""
+    text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
+    callbacks.deliver(text, rt.queues, rt.callbacks, rt.settings, rt.callback_http)
 
 
 def work_message(raw: bytes | str, rt: Runtime) -> None:

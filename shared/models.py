@@ -45,6 +45,9 @@ NAME_PROPERTIES: dict[str, tuple[str, ...]] = {
     "User": ("userPrincipalName", "mail", "employeeId"),
     "Group": ("mailNickname", "displayName"),
 }
+# Checked further (https, allowed host, public addresses) by shared/results/callbacks.py at intake.
+CallbackUrl = Annotated[str, StringConstraints(strip_whitespace=True, min_length=9, max_length=2048,
+                                               pattern=r"^[\x21-\x7e]+$")]
 DirectoryName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=256)]
 
 
@@ -172,6 +175,7 @@ class GraphBodyEvent(_Strict):
     jobId: str | None = None
     correlationId: CorrelationId | None = None
     priority: Priority = "normal"
+    callbackUrl: CallbackUrl | None = None  # where each result is POSTed (shared/results/callbacks.py)
     # Logic Apps and SDKs sometimes copy this annotation along; it carries no meaning here.
     odata_type: str | None = Field(None, alias="@odata.type")
 
@@ -189,6 +193,7 @@ class CompactEvent(_ByName):
     members: list[Member] | None = Field(None, max_length=MAX_MEMBERS_PER_REQUEST)
     correlationId: CorrelationId | None = None
     priority: Priority = "normal"
+    callbackUrl: CallbackUrl | None = None  # where each result is POSTed (shared/results/callbacks.py)
 
     _sp = field_validator("servicePrincipalId")(classmethod(lambda cls, v: _check_guid(v, "servicePrincipalId")))
     _job = field_validator("jobId")(classmethod(lambda cls, v: _check_job(v)))
@@ -247,6 +252,7 @@ class Follower(BaseModel):
     receivedAt: datetime
     event: CloudEventRef | None = None
     subject: Subject | None = None  # its own: an equal call may have named the subject differently
+    callbackUrl: str | None = None
 
     @property
     def call_id(self) -> str:
@@ -280,6 +286,7 @@ class WorkItem(BaseModel):
     openEtag: str | None = None
     followers: list[Follower] = Field(default_factory=list)
     event: CloudEventRef | None = None  # when the request came as a CloudEvent
+    callbackUrl: str | None = None  # checked at intake; never copied into results (it may hold a token)
 
     @property
     def call_id(self) -> str:
@@ -431,6 +438,32 @@ class CallStatus(BaseModel):
     result: dict[str, Any] | None = None  # the result message, once there is one
 
 
+CallbackPhase = Literal["pending", "retrying", "delivered", "failed"]
+
+
+class CallbackState(BaseModel):
+    """Where the callback of one result stands (shared/results/callbacks.py)."""
+
+    resultId: str
+    state: CallbackPhase
+    host: str  # never the whole URL: its path or query may carry the receiver's secret
+    attempts: int = 0
+    lastStatus: int | None = None  # the receiver's last HTTP status
+    lastError: str | None = None
+    nextAttemptAt: datetime | None = None
+    updatedAt: datetime
+
+
+class CallbackMessage(BaseModel):
+    """One result to POST, on CALLBACK_QUEUE; `result` is the exact body sent (and signed)."""
+
+    url: str
+    resultId: str
+    requestId: str
+    result: str
+    attempts: int = 0
+
+
 ORDER_OF_PROGRESS = ("queued", "waiting", "calling")
 ORDER_OF_SEVERITY = ("succeeded", "skipped", "failed", "dead-lettered")
 
@@ -445,6 +478,7 @@ class RequestStatus(BaseModel):
     eta: datetime | None = None  # when its last waiting call is due
     etaSeconds: float | None = None
     calls: list[CallStatus]
+    callbacks: list[CallbackState] | None = None  # where each result's callback stands, when one was asked for
 
     def summarised(self, now: float) -> "RequestStatus":
         """A request is as far along as its least advanced call and, once every call has finished,

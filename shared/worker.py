@@ -23,6 +23,7 @@ from shared.graph.retry_policy import backoff_seconds
 from shared.models import ErrorInfo, Outcome, ResultMessage, WorkItem, utcnow
 from shared.ratelimit.placement import hold_until_slot, place_now
 from shared.ratelimit.token_gate import Lease, RateGate
+from shared.results import callbacks
 from shared.results.redaction import redact
 from shared.runtime import Runtime
 
@@ -147,3 +148,6 @@ def _emit(item: WorkItem, rt: Runtime, outcome: Outcome, failure: GraphFailure |
         for sink in rt.sinks:
             sink.emit(each)
     rt.status.finish(item, results)
+    urls = [item.callbackUrl] + [f.callbackUrl for f in item.followers]
+    if any(urls):  # after the call and its lease: a callback never delays or costs a Graph call
+        callbacks.schedule(list(zip(results, urls)), rt.queues, rt.callbacks, rt.settings)

@@ -170,7 +170,7 @@ def plan(event: GraphBodyEvent | CompactEvent, settings: Settings, index: int | 
     accepted.items = [WorkItem(requestId=accepted.requestId, correlationId=event.correlationId,
                                servicePrincipalId=sp, jobId=job, ruleId=rule, subject=subject,
                                callIndex=i, callCount=len(calls), receivedAt=received_at,
-                               priority=event.priority)
+                               priority=event.priority, callbackUrl=event.callbackUrl)
                       for i, (rule, subject) in enumerate(calls)]
     return accepted
 

@@ -231,7 +231,7 @@ def test_every_queue_the_settings_name_is_created():
     created = set(resolve("allQueues", tree))
     values = deployed_settings()
     named = {values[n] for n in ("INTAKE_QUEUE", "WORK_QUEUE", "RESULTS_QUEUE", "DEADLETTER_QUEUE", "LEASE_QUEUE",
-                                 "LOGS_QUEUE")}
+                                 "LOGS_QUEUE", "CALLBACK_QUEUE")}
     assert named == created
     storage = tree["modules"]["storage"]["config"]["params"]
     assert storage["queueNames"] == "allQueues"
