@@ -80,9 +80,7 @@ def _invalid(field: str, message: str) -> RequestRejected:
                            [{"field": field, "message": message}])
 
 
-def _event(raw: Any, where: str) -> CloudEvent:
-    if not isinstance(raw, dict):
-        raise _invalid(where or "(body)", "an event must be a JSON object")
+def _check_attributes(raw: dict[str, Any], where: str) -> None:
     for name in ("specversion", *REQUIRED):
         if not isinstance(raw.get(name), str) or not raw[name].strip():
             raise _invalid(f"{where}{name}", f"the required attribute {name!r} is missing or not a non-empty string")
@@ -90,6 +88,12 @@ def _event(raw: Any, where: str) -> CloudEvent:
         raise _invalid(f"{where}specversion", f"only specversion '1.0' is accepted, got {raw['specversion']!r}")
     if "data_base64" in raw:
         raise _invalid(f"{where}data_base64", "data must be JSON (one of the request shapes), not base64")
+
+
+def _event(raw: Any, where: str) -> CloudEvent:
+    if not isinstance(raw, dict):
+        raise _invalid(where or "(body)", "an event must be a JSON object")
+    _check_attributes(raw, where)
     try:
         event = CloudEvent.model_validate(raw)
     except ValidationError as exc:

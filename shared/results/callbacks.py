@@ -25,8 +25,8 @@ from typing import Any, Callable, Iterable
 from urllib.parse import urlsplit
 
 import httpx
-from azure.core.exceptions import AzureError, ResourceExistsError
-from azure.data.tables import TableClient, TableServiceClient, UpdateMode
+from azure.core.exceptions import AzureError
+from azure.data.tables import TableClient, UpdateMode
 from pydantic import ValidationError
 
 from shared.deadletters import dead_letter_for
@@ -34,7 +34,7 @@ from shared.errors import RequestRejected
 from shared.graph.retry_policy import backoff_seconds
 from shared.intake.signatures import sign
 from shared.models import CallbackMessage, CallbackPhase, CallbackState, ErrorInfo, ResultMessage, utcnow
-from shared.queues import MAX_MESSAGE_BYTES
+from shared.queues import MAX_MESSAGE_BYTES, create_table, table_service
 from shared.results.sinks import fit_for_queue
 from shared.settings import Settings
 
@@ -67,12 +67,7 @@ def _address_problem(address: str, allow_loopback: bool) -> str | None:
     return None
 
 
-def check_url(url: str, settings: Settings, field: str = "callbackUrl",
-              resolve: Resolver = socket.getaddrinfo) -> str:
-    """The URL's host when a callback may go there; RequestRejected(422) naming why not."""
-    allowed = settings.callback_hosts
-    if not allowed:
-        raise _refused(field, "callbacks are not enabled here (CALLBACK_ALLOWED_HOSTS is empty)")
+def _host_and_port(url: str, allowed: tuple[str, ...], field: str) -> tuple[str, int]:
     try:
         parts = urlsplit(url)
         port = parts.port or 443
@@ -85,6 +80,16 @@ def check_url(url: str, settings: Settings, field: str = "callbackUrl",
     host = (parts.hostname or "").rstrip(".")
     if not host or not _host_allowed(host, allowed):
         raise _refused(field, f"host {host!r} is not on CALLBACK_ALLOWED_HOSTS")
+    return host, port
+
+
+def check_url(url: str, settings: Settings, field: str = "callbackUrl",
+              resolve: Resolver = socket.getaddrinfo) -> str:
+    """The URL's host when a callback may go there; RequestRejected(422) naming why not."""
+    allowed = settings.callback_hosts
+    if not allowed:
+        raise _refused(field, "callbacks are not enabled here (CALLBACK_ALLOWED_HOSTS is empty)")
+    host, port = _host_and_port(url, allowed, field)
     try:
         addresses = {info[4][0] for info in resolve(host, port, type=socket.SOCK_STREAM)}
     except (OSError, UnicodeError):
@@ -116,24 +121,12 @@ class CallbackLedger:
 
     @classmethod
     def connect(cls, settings: Settings) -> "CallbackLedger":
-        from shared.queues import connection_string
-
-        conn = connection_string(settings)
-        if conn:
-            service = TableServiceClient.from_connection_string(conn)
-        else:
-            from shared.graph.credentials import app_credential
-
-            service = TableServiceClient(settings.table_service_uri, credential=app_credential(settings.azure_client_id))
-        return cls(service.get_table_client(settings.callback_table))
+        return cls(table_service(settings).get_table_client(settings.callback_table))
 
     def record(self, request_id: str, state: CallbackState) -> None:
         try:
             if not self._created:
-                try:
-                    self.table.create_table()
-                except ResourceExistsError:
-                    pass
+                create_table(self.table)
                 self._created = True
             row = {"PartitionKey": request_id, "RowKey": state.resultId, "state": state.model_dump_json()}
             self.table.upsert_entity(row, mode=UpdateMode.REPLACE)

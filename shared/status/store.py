@@ -33,7 +33,6 @@ from azure.core import MatchConditions
 from azure.core.exceptions import AzureError, ResourceExistsError, ResourceNotFoundError
 from azure.data.tables import (
     TableClient,
-    TableServiceClient,
     TableTransactionError,
     UpdateMode,
 )
@@ -105,17 +104,10 @@ class StatusStore:
 
     @classmethod
     def connect(cls, settings: Settings) -> "StatusStore":
-        from shared.queues import connection_string
+        from shared.queues import table_service
 
-        conn = connection_string(settings)
-        if conn:
-            service = TableServiceClient.from_connection_string(conn)
-        else:
-            from shared.graph.credentials import app_credential
-
-            service = TableServiceClient(settings.table_service_uri, credential=app_credential(settings.azure_client_id))
         # A follower may join a leader for as long as the leader may legitimately wait.
-        return cls(service.get_table_client(settings.status_table), settings.coalesce_requests,
+        return cls(table_service(settings).get_table_client(settings.status_table), settings.coalesce_requests,
                    settings.max_expected_wait_hours * 3600)
 
     def _ensure_table(self) -> None:
