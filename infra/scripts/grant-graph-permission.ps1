@@ -9,6 +9,8 @@ needs, with the Microsoft.Graph PowerShell module. Idempotent: what exists is sk
 -Mode OwnedBy  Application.ReadWrite.OwnedBy plus ownership of -TargetServicePrincipalId: least
                privilege, limited to that app; restarting a job was reported to fail with it
                (microsoft-graph-docs-contrib issue 8800). See docs/deploy.md.
+-DirectoryRead also User.Read.All, Group.Read.All and Application.Read.All, so that requests may
+               name subjects and applications instead of giving object ids (optional).
 
 Run as a Privileged Role Administrator (app role grants); -Mode OwnedBy also needs the right to
 manage the target service principal's owners. Supports -WhatIf. Defaults come from the azd
@@ -28,7 +30,9 @@ param(
     [string] $TargetServicePrincipalId = $env:DEFAULT_SERVICE_PRINCIPAL_ID,
 
     [ValidateSet('Global', 'USGovL4', 'USGovL5')]
-    [string] $Cloud = $(if ($env:GRAPH_CLOUD) { $env:GRAPH_CLOUD } else { 'Global' })
+    [string] $Cloud = $(if ($env:GRAPH_CLOUD) { $env:GRAPH_CLOUD } else { 'Global' }),
+
+    [switch] $DirectoryRead
 )
 
 Set-StrictMode -Version Latest
@@ -81,6 +85,21 @@ if ($Mode -eq 'OwnedBy') {
         New-MgServicePrincipalOwnerByRef -ServicePrincipalId $TargetServicePrincipalId `
             -BodyParameter @{ '@odata.id' = "$graphRoot/v1.0/directoryObjects/$PrincipalId" }
         Write-Output "Added: $PrincipalId as an owner of service principal $TargetServicePrincipalId."
+    }
+}
+
+# -DirectoryRead: subjects and applications by name (shared/intake/names.py) read the directory.
+if ($DirectoryRead) {
+    foreach ($readRole in @('User.Read.All', 'Group.Read.All', 'Application.Read.All')) {
+        $readAppRole = $graphSp.AppRoles | Where-Object { $_.Value -eq $readRole -and $_.AllowedMemberTypes -contains 'Application' }
+        $held = Get-MgServicePrincipalAppRoleAssignment -ServicePrincipalId $PrincipalId -All |
+            Where-Object { $_.AppRoleId -eq $readAppRole.Id -and $_.ResourceId -eq $graphSp.Id }
+        if ($held) { Write-Output "Skipped: $PrincipalId already has Microsoft Graph $readRole." }
+        elseif ($PSCmdlet.ShouldProcess($PrincipalId, "Grant Microsoft Graph $readRole")) {
+            New-MgServicePrincipalAppRoleAssignment -ServicePrincipalId $PrincipalId -PrincipalId $PrincipalId `
+                -ResourceId $graphSp.Id -AppRoleId $readAppRole.Id | Out-Null
+            Write-Output "Granted: Microsoft Graph $readRole to $PrincipalId."
+        }
     }
 }
 

@@ -7,6 +7,8 @@
 #   --mode ownedby  Application.ReadWrite.OwnedBy plus ownership of --target-sp: least privilege,
 #                   limited to that app; restarting a job was reported to fail with it
 #                   (microsoft-graph-docs-contrib issue 8800). See docs/deploy.md.
+#   --directory-read  also User.Read.All, Group.Read.All and Application.Read.All, so that requests
+#                   may name subjects and applications instead of giving object ids (optional).
 #
 # Needs an az login as a Privileged Role Administrator (app role grants), plus owner-management
 # rights on the target service principal for --mode ownedby. For US Gov clouds, `az cloud set
@@ -19,12 +21,13 @@ target_sp="${DEFAULT_SERVICE_PRINCIPAL_ID:-}"
 cloud="${GRAPH_CLOUD:-Global}"
 mode="sync"
 dry_run=false
+directory_read=false
 
 usage() {
-  sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'
   echo
   echo "Usage: $0 --principal-id <identity object id> [--mode sync|ownedby] [--target-sp <object id>]"
-  echo "          [--cloud Global|USGovL4|USGovL5] [--dry-run]"
+  echo "          [--cloud Global|USGovL4|USGovL5] [--dry-run] [--directory-read]"
 }
 
 while [ $# -gt 0 ]; do
@@ -34,6 +37,7 @@ while [ $# -gt 0 ]; do
     --target-sp) target_sp="${2:-}"; shift 2 ;;
     --cloud) cloud="${2:-}"; shift 2 ;;
     --dry-run) dry_run=true; shift ;;
+    --directory-read) directory_read=true; shift ;;
     -h|--help) usage; exit 0 ;;
     *) echo "Unknown argument: $1" >&2; usage >&2; exit 2 ;;
   esac
@@ -112,6 +116,25 @@ if [ "$mode" = "ownedby" ]; then
       --output none
     say "Added: $principal_id as an owner of service principal $target_sp."
   fi
+fi
+
+# --directory-read: subjects and applications by name (shared/intake/names.py) read the directory.
+if $directory_read; then
+  for read_role in User.Read.All Group.Read.All Application.Read.All; do
+    read_role_id=$(az rest --method get \
+      --url "$graph/v1.0/servicePrincipals(appId='$GRAPH_APP_ID')?\$select=id,appRoles" \
+      --query "appRoles[?value=='$read_role' && contains(allowedMemberTypes, 'Application')].id | [0]" -o tsv | tr -d '\r')
+    held=$(az rest --method get --url "$graph/v1.0/servicePrincipals/$principal_id/appRoleAssignments" \
+      --query "length(value[?appRoleId=='$read_role_id'])" -o tsv | tr -d '\r')
+    if [ "$held" != "0" ]; then say "Skipped: $principal_id already has Microsoft Graph $read_role."
+    elif $dry_run; then say "Would grant Microsoft Graph $read_role to $principal_id (dry run)."
+    else
+      az rest --method post --url "$graph/v1.0/servicePrincipals/$principal_id/appRoleAssignments" \
+        --headers "Content-Type=application/json" --output none \
+        --body "{\"principalId\":\"$principal_id\",\"resourceId\":\"$graph_sp_id\",\"appRoleId\":\"$read_role_id\"}"
+      say "Granted: Microsoft Graph $read_role to $principal_id."
+    fi
+  done
 fi
 
 say "Managed identity tokens are cached for up to 24 hours: restart the Function App so that new tokens carry the role,"
