@@ -117,3 +117,12 @@ def test_handshake_refuses_a_missing_or_malformed_origin(origin):
     reply = ce.abuse_protection({} if origin is None else {"WebHook-Request-Origin": origin})
     assert reply.status == 400 and reply.body["error"]["code"] == "InvalidWebHookRequestOrigin"
     assert "WebHook-Allowed-Origin" not in reply.headers
+
+
+def test_openapi_describes_the_cloudevents_content_types_and_the_handshake():
+    from shared.operations.openapi import build_spec
+    spec = build_spec(Settings(AzureWebJobsStorage="UseDevelopmentStorage=true"))
+    content = spec["paths"]["/api/provision"]["post"]["requestBody"]["content"]
+    assert {"application/json", ce.STRUCTURED, ce.BATCHED} == set(content)
+    assert spec["components"]["schemas"]["CloudEvent"]["required"] == ["specversion", "id", "source", "type", "data"]
+    assert spec["paths"]["/api/provision"]["options"]["operationId"] == "CloudEventsHandshake"

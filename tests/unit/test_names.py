@@ -187,3 +187,14 @@ def test_application_by_app_id_filters_on_app_id():
     app_id = "11111111-2222-4333-8444-555555555555"
     names, graph = resolver({("/v1.0/servicePrincipals", f"appId eq '{app_id}'"): {"value": [{"id": SP}]}})
     assert names.service_principal(app_id, "application") == SP
+
+
+def test_openapi_offers_each_type_only_its_names_and_exactly_one_identifier():
+    from shared.operations.openapi import build_spec
+    schemas = build_spec(settings())["components"]["schemas"]
+    user, group, worker = (schemas[f"CompactEvent_{t}"] for t in ("User", "Group", "Worker"))
+    assert {"userPrincipalName", "mail", "employeeId"} <= set(user["properties"]) and "mailNickname" not in user["properties"]
+    assert {"mailNickname", "displayName"} <= set(group["properties"]) and "mail" not in group["properties"]
+    assert not {"mail", "displayName", "userPrincipalName"} & set(worker["properties"])
+    assert user["oneOf"] == [{"required": [p]} for p in ("objectId", "userPrincipalName", "mail", "employeeId")]
+    assert "application" in user["properties"] and "callbackUrl" in user["properties"]
