@@ -76,3 +76,16 @@ def test_event_grid_handshake(devhost):
     assert response.headers["WebHook-Allowed-Origin"] == "eventgrid.azure.net"
     refused = httpx.options(f"{devhost.url}/api/provision", timeout=10)
     assert refused.status_code == 400 and "WebHook-Allowed-Origin" not in refused.headers
+
+
+def test_operator_cli_sends_a_structured_cloudevent(devhost, results):
+    from io import StringIO
+
+    from tools import cli
+    id, out = uuid.uuid4().hex, StringIO()
+    code = cli.main(["send", "--url", f"{devhost.url}/api/provision", "--data", json.dumps({"objectId": USER,
+                     "objectTypeName": "User"}), "--cloudevent-type", "com.contoso.cli", "--cloudevent-source", "/ops",
+                     "--cloudevent-id", id, "--cloudevent-subject", "by hand"], out=out)
+    assert code == 0, out.getvalue()
+    [result] = results.wait_for(with_event_id(id))
+    assert result["event"] == {"type": "com.contoso.cli", "subject": "by hand", "source": "/ops", "id": id}

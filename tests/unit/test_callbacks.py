@@ -179,3 +179,18 @@ def test_schedule_records_pending_before_it_queues():
 
 def test_the_delivery_client_follows_no_redirects():
     assert callbacks.http_client(settings()).follow_redirects is False
+
+
+def test_operator_cli_replays_a_callback_dead_letter_from_a_fresh_start():
+    from shared.deadletters import dead_letter_for
+    from shared.models import DeadLetter, ErrorInfo
+    from tools.cli import _replay_target
+    letter = dead_letter_for(ErrorInfo(code="CallbackFailed", message="x"), "callback", message(attempts=3))
+    kind, text = _replay_target(DeadLetter.model_validate_json(letter.model_dump_json()))
+    assert kind == "callback" and CallbackMessage.model_validate_json(text).attempts == 0
+
+
+def test_operator_cli_adds_the_callback_url_to_each_event():
+    from tools.cli import _with_callback
+    stamped = json.loads(_with_callback('[{"objectId": "a"}, {"objectId": "b"}]', "https://hooks.contoso.com/x"))
+    assert [e["callbackUrl"] for e in stamped] == ["https://hooks.contoso.com/x"] * 2
