@@ -161,8 +161,8 @@ def request_status(request_id: str, rt: Runtime) -> HttpReply:
         return _error_reply(_status_unavailable())
     if status is None:
         return _error_reply(RequestRejected(404, "RequestNotFound", f"no request {request_id} is known here"))
-    states = rt.callbacks.states(request_id.lower())
-    status = status.model_copy(update={"callbacks": states or None})
+    if rt.settings.callback_hosts:
+        status = status.model_copy(update={"callbacks": rt.callbacks.states(request_id.lower()) or None})
     return HttpReply(200, status.model_dump(mode="json", exclude_none=True))
 
 

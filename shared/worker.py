@@ -143,7 +143,8 @@ def _emit(item: WorkItem, rt: Runtime, outcome: Outcome, failure: GraphFailure |
     results = [result] + [result.model_copy(update={
         "resultId": f.call_id, "requestId": f.requestId, "correlationId": f.correlationId,
         "callIndex": f.callIndex, "callCount": f.callCount, "receivedAt": f.receivedAt,
-        "callsSaved": 0, "servedBy": result.resultId, "event": f.event}) for f in item.followers]
+        "callsSaved": 0, "servedBy": result.resultId, "event": f.event,
+        "subject": f.subject or result.subject}) for f in item.followers]
     for each in results:
         for sink in rt.sinks:
             sink.emit(each)

@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterable
 from urllib.parse import urlsplit
 
 import httpx
-from azure.core.exceptions import AzureError
+from azure.core.exceptions import AzureError, ResourceNotFoundError
 from azure.data.tables import TableClient, UpdateMode
 from pydantic import ValidationError
 
@@ -138,6 +138,8 @@ class CallbackLedger:
         try:
             rows = self.table.query_entities("PartitionKey eq @id", parameters={"id": request_id})
             return sorted((CallbackState.model_validate_json(r["state"]) for r in rows), key=lambda s: s.resultId)
+        except ResourceNotFoundError:  # no callback was ever asked for here
+            return []
         except AzureError as exc:
             log.warning("callback states of %s not readable: %s", request_id, type(exc).__name__)
             return []
