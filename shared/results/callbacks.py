@@ -22,7 +22,7 @@ import socket
 import time
 from datetime import timedelta
 from typing import Any, Callable, Iterable
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 from azure.core.exceptions import AzureError, ResourceNotFoundError
@@ -84,8 +84,9 @@ def _host_and_port(url: str, allowed: tuple[str, ...], field: str) -> tuple[str,
 
 
 def check_url(url: str, settings: Settings, field: str = "callbackUrl",
-              resolve: Resolver = socket.getaddrinfo) -> str:
-    """The URL's host when a callback may go there; RequestRejected(422) naming why not."""
+              resolve: Resolver = socket.getaddrinfo) -> tuple[str, str]:
+    """(host, a checked address) when a callback may go there; RequestRejected(422) naming why not.
+    Delivery connects to that address: a DNS answer that changes after the check is never used."""
     allowed = settings.callback_hosts
     if not allowed:
         raise _refused(field, "callbacks are not enabled here (CALLBACK_ALLOWED_HOSTS is empty)")
@@ -98,7 +99,7 @@ def check_url(url: str, settings: Settings, field: str = "callbackUrl",
         problem = _address_problem(address, settings.callback_allow_loopback)
         if problem:
             raise _refused(field, f"host {host!r} resolves to {address}, which {problem}")
-    return host
+    return host, sorted(addresses)[0]
 
 
 def check_requests(urls: Iterable[tuple[str, str]], settings: Settings,
@@ -163,16 +164,26 @@ def schedule(results: list[tuple[ResultMessage, str | None]], queues: Any, ledge
         queues.send_json(settings.callback_queue, message)
 
 
-def _post(message: CallbackMessage, settings: Settings, client: httpx.Client) -> tuple[int | None, str | None]:
-    """(HTTP status, None) when the receiver answered, (None, why) when it could not be reached."""
+def _pinned(url: str, address: str) -> tuple[str, str]:
+    """(the URL with its host replaced by the checked address, the Host header it stood for)."""
+    parts = urlsplit(url)
+    literal = f"[{address}]" if ":" in address else address
+    return urlunsplit(parts._replace(netloc=f"{literal}:{parts.port or 443}")), parts.netloc
+
+
+def _post(message: CallbackMessage, host: str, address: str, settings: Settings,
+          client: httpx.Client) -> tuple[int | None, str | None]:
+    """(HTTP status, None) when the receiver answered, (None, why) when it could not be reached.
+    TLS still verifies the certificate for `host` (sent as SNI), though the connection goes to `address`."""
     body = message.result.encode("utf-8")
-    headers = {"Content-Type": "application/json", "User-Agent": "provision-on-demand-callback"}
+    url, netloc = _pinned(message.url, address)
+    headers = {"Content-Type": "application/json", "User-Agent": "provision-on-demand-callback", "Host": netloc}
     if settings.webhook_hmac_secret:
         timestamp = str(int(time.time()))
         headers[settings.webhook_timestamp_header] = timestamp
         headers[settings.webhook_signature_header] = sign(settings.webhook_hmac_secret, timestamp, body)
     try:
-        return client.post(message.url, content=body, headers=headers).status_code, None
+        return client.post(url, content=body, headers=headers, extensions={"sni_hostname": host}).status_code, None
     except httpx.HTTPError as exc:
         return None, type(exc).__name__
 
@@ -188,11 +199,11 @@ def deliver(text: str, queues: Any, ledger: CallbackLedger, settings: Settings, 
         return
     message = message.model_copy(update={"attempts": message.attempts + 1})
     try:
-        check_url(message.url, settings, resolve=resolve)
+        host, address = check_url(message.url, settings, resolve=resolve)
     except RequestRejected as refused:
         _give_up(message, refused.info, None, queues, ledger, settings)
         return
-    status, error = _post(message, settings, client)
+    status, error = _post(message, host, address, settings, client)
     if status is not None and 200 <= status < 300:
         ledger.record(message.requestId, _state(message, "delivered", lastStatus=status))
         return

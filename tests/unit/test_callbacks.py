@@ -40,9 +40,9 @@ def refusal(url: str, resolve=resolver("20.50.2.1"), **values) -> str:
 
 def test_an_allowed_https_host_with_public_addresses_passes():
     assert callbacks.check_url("https://hooks.contoso.com/cb?x=1", settings(), resolve=resolver("20.50.2.1")) == \
-        "hooks.contoso.com"
+        ("hooks.contoso.com", "20.50.2.1")
     assert callbacks.check_url("https://a.b.tickets.example/", settings(), resolve=resolver("2603:1030::1")) == \
-        "a.b.tickets.example"
+        ("a.b.tickets.example", "2603:1030::1")
 
 
 @pytest.mark.parametrize("url,words", [
@@ -68,7 +68,7 @@ def test_every_non_public_address_is_refused(address, words):
 
 def test_loopback_only_with_the_development_setting():
     ok = settings(CALLBACK_ALLOW_LOOPBACK="true", CALLBACK_ALLOWED_HOSTS="127.0.0.1")
-    assert callbacks.check_url("https://127.0.0.1:8443/cb", ok, resolve=resolver("127.0.0.1")) == "127.0.0.1"
+    assert callbacks.check_url("https://127.0.0.1:8443/cb", ok, resolve=resolver("127.0.0.1"))[0] == "127.0.0.1"
     assert "not a public" in refusal("https://hooks.contoso.com/", resolve=resolver("10.0.0.1"),
                                      CALLBACK_ALLOW_LOOPBACK="true")
 
@@ -112,6 +112,14 @@ def deliver(answer, attempts: int = 0, **values):
     client = httpx.Client(transport=httpx.MockTransport(handle), follow_redirects=False)
     callbacks.deliver(message(attempts), queues, ledger, settings(**values), client, resolve=resolver("20.50.2.1"))
     return queues, ledger, seen
+
+
+def test_a_delivery_goes_to_the_checked_address_with_the_host_for_tls_and_http():
+    # A DNS answer that changes after the check (rebinding) is never used for the connection.
+    _, _, [request] = deliver(lambda r: httpx.Response(204))
+    assert request.url.host == "20.50.2.1" and request.url.port in (None, 443)
+    assert request.url.raw_path == b"/cb?token=abc"
+    assert request.headers["Host"] == "hooks.contoso.com" and request.extensions["sni_hostname"] == "hooks.contoso.com"
 
 
 def test_a_delivery_is_signed_like_an_inbound_webhook():
