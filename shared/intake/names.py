@@ -34,6 +34,9 @@ from shared.settings import Settings
 log = logging.getLogger(__name__)
 
 CANDIDATES_SHOWN = 5
+# Lookups run while the caller waits: a bulk post naming 1000 strangers would hold the HTTP
+# function for minutes. Cached answers do not count.
+MAX_READS_PER_POST = 100
 ADVANCED_QUERY = frozenset({"employeeId"})
 GRANT_HINT = ("grant it with infra/scripts/grant-graph-permission.sh --directory-read (or .ps1 -DirectoryRead), "
               "or send the object id instead")
@@ -79,9 +82,11 @@ class NameResolver:
     """What intake calls for a subject or application given by name (see the module docstring)."""
 
     def __init__(self, graph: GraphClient, cache: RuleCache, settings: Settings):
+        """One per post: it counts the post's directory reads."""
         self.graph = graph
         self.cache = cache
         self.settings = settings
+        self.reads = 0
 
     def object_id(self, type_name: str, name: SubjectName, field: str) -> str:
         collection = COLLECTIONS[type_name]
@@ -129,6 +134,11 @@ class NameResolver:
 
     def _read(self, path: str, params: dict[str, str], headers: dict[str, str], what: str,
               permission: str) -> dict[str, Any]:
+        self.reads += 1
+        if self.reads > MAX_READS_PER_POST:
+            raise RequestRejected(413, "TooManyLookups",
+                                  f"this post names more than {MAX_READS_PER_POST} subjects or applications Graph "
+                                  "must look up; send object ids, or split it into smaller posts")
         try:
             return self.graph.read(path, self.graph.token(), params=params, headers=headers)
         except GraphFailure as failure:

@@ -203,7 +203,8 @@ def _static_spec(signature_header: str, timestamp_header: str) -> dict[str, Any]
                     "400": _error("Not JSON (InvalidJson) or not UTF-8 (InvalidEncoding)"),
                     "401": _error("No valid function key, or a missing/invalid webhook signature "
                                   "(SignatureMissing, SignatureInvalid, TimestampOutOfRange)"),
-                    "413": _error("Body over MAX_BODY_BYTES (PayloadTooLarge) or over 1000 events (TooManyItems)"),
+                    "413": _error("Body over MAX_BODY_BYTES (PayloadTooLarge), over 1000 events (TooManyItems), or "
+                                  "more than 100 names to look up (TooManyLookups)"),
                     "415": _error("Not JSON content (UnsupportedMediaType)"),
                     "422": _error("A field is wrong or missing (ValidationFailed, EmptyRequest, InvalidCloudEvent), "
                                   "a name matches no or several objects (NameNotFound, NameAmbiguous, "

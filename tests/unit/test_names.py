@@ -198,3 +198,19 @@ def test_openapi_offers_each_type_only_its_names_and_exactly_one_identifier():
     assert not {"mail", "displayName", "userPrincipalName"} & set(worker["properties"])
     assert user["oneOf"] == [{"required": [p]} for p in ("objectId", "userPrincipalName", "mail", "employeeId")]
     assert "application" in user["properties"] and "callbackUrl" in user["properties"]
+
+
+def test_a_post_that_needs_too_many_lookups_is_refused_before_it_holds_the_caller_for_minutes():
+    from shared.intake.names import MAX_READS_PER_POST
+    known = {("/v1.0/users", f"mail eq 'u{i}@contoso.com'"): {"value": [{"id": f"id{i}"}]}
+             for i in range(MAX_READS_PER_POST + 1)}
+    names, graph = resolver(known)
+    body = [{"objectTypeName": "User", "mail": f"u{i}@contoso.com"} for i in range(MAX_READS_PER_POST + 1)]
+    with pytest.raises(RequestRejected) as info:
+        accept(json.dumps(body), settings(), names=names)
+    assert (info.value.status, info.value.info.code) == (413, "TooManyLookups")
+    assert len(graph.reads) == MAX_READS_PER_POST
+    # The same names again, now cached: no read, no limit.
+    again, _ = resolver(known)
+    again.cache = names.cache
+    assert len(accept(json.dumps(body[:MAX_READS_PER_POST]), settings(), names=again)) == MAX_READS_PER_POST
