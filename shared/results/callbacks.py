@@ -104,11 +104,19 @@ def check_url(url: str, settings: Settings, field: str = "callbackUrl",
 
 def check_requests(urls: Iterable[tuple[str, str]], settings: Settings,
                    resolve: Resolver = socket.getaddrinfo) -> None:
-    """Check each distinct (field, url) once: a bulk post often names one receiver 1000 times."""
+    """Check each distinct (field, url) once, resolving each host once: a bulk post often names
+    one receiver 1000 times."""
     seen: set[str] = set()
+    answers: dict[tuple[str, int], list[tuple[Any, ...]]] = {}
+
+    def resolve_once(host: str, port: int, type: int = 0) -> list[tuple[Any, ...]]:
+        if (host, port) not in answers:
+            answers[(host, port)] = resolve(host, port, type=type)
+        return answers[(host, port)]
+
     for field, url in urls:
         if url not in seen:
-            check_url(url, settings, field, resolve)
+            check_url(url, settings, field, resolve_once)
             seen.add(url)
 
 

@@ -202,3 +202,17 @@ def test_operator_cli_adds_the_callback_url_to_each_event():
     from tools.cli import _with_callback
     stamped = json.loads(_with_callback('[{"objectId": "a"}, {"objectId": "b"}]', "https://hooks.contoso.com/x"))
     assert [e["callbackUrl"] for e in stamped] == ["https://hooks.contoso.com/x"] * 2
+
+
+def test_a_bulk_post_resolves_each_host_once_and_names_the_bad_item():
+    asked: list[str] = []
+
+    def resolve(host, port, type=0):
+        asked.append(host)
+        return resolver("10.0.0.1" if host.startswith("bad") else "20.50.2.1")(host, port, type)
+    urls = [(f"[{i}].callbackUrl", f"https://hooks.contoso.com/ticket/{i}") for i in range(50)]
+    callbacks.check_requests(urls, settings(), resolve)
+    assert asked == ["hooks.contoso.com"]
+    with pytest.raises(RequestRejected) as info:
+        callbacks.check_requests(urls + [("[50].callbackUrl", "https://bad.tickets.example/")], settings(), resolve)
+    assert info.value.info.details[0]["field"] == "[50].callbackUrl"
