@@ -38,6 +38,14 @@ def provision(req: func.HttpRequest, work: func.Out[List[str]]) -> func.HttpResp
     return _reply(reply)
 
 
+# Azure Event Grid's CloudEvents webhook validation (shared/intake/cloudevents.py).
+@app.route(route="provision", methods=["OPTIONS"])
+def provision_handshake(req: func.HttpRequest) -> func.HttpResponse:
+    from shared.intake.cloudevents import abuse_protection
+
+    return _reply(abuse_protection(dict(req.headers)))
+
+
 @app.route(route="provision/{requestId}", methods=["GET"])
 def provision_status(req: func.HttpRequest) -> func.HttpResponse:
     from shared import handlers
@@ -80,6 +88,16 @@ def log_analytics_upload(msg: func.QueueMessage, parked: func.Out[str]) -> None:
 
     queue_door(lambda: parked.set(_text(msg)), lambda rt: log_analytics.upload_message(msg.get_body(), rt),
                for_logs=True)
+
+
+# Results POSTed to callbackUrl (shared/results/callbacks.py); failures go back on the queue with a delay.
+@app.queue_trigger(arg_name="msg", queue_name="%CALLBACK_QUEUE%", connection=CONNECTION)
+@app.queue_output(arg_name="parked", queue_name="%CALLBACK_QUEUE%-parked", connection=CONNECTION)
+def callback_delivery(msg: func.QueueMessage, parked: func.Out[str]) -> None:
+    from shared import handlers
+    from shared.operations.readiness import queue_door
+
+    queue_door(lambda: parked.set(_text(msg)), lambda rt: handlers.callback_message(msg.get_body(), rt))
 
 
 def _text(msg: func.QueueMessage) -> str:

@@ -79,6 +79,11 @@ param logsMaxAttempts string = ''
 param logsBatchSize string = ''
 param logsTimeoutSeconds string = ''
 param ruleCacheSeconds string = ''
+param nameCacheSeconds string = ''
+@description('Hosts results may be POSTed to (callbackUrl), comma-separated; empty turns callbacks off.')
+param callbackAllowedHosts string = ''
+param callbackMaxAttempts string = ''
+param callbackTimeoutSeconds string = ''
 param autoStartCooldownSeconds string = ''
 @description('Share of the rate that high-priority requests may take while normal ones wait (0-0.95).')
 param highPriorityShare string = ''
@@ -86,6 +91,8 @@ param highPriorityShare string = ''
 param coalesceRequests string = 'true'
 @description('The table that holds request status (letters and digits).')
 param statusTable string = 'provisionstatus'
+@description('Table where each result callback\'s state is kept (shared/results/callbacks.py).')
+param callbackTable string = 'provisioncallbacks'
 
 @description('Start a quarantined job (never a paused one) when a call finds it so, at most once per cooldown.')
 @allowed(['true', 'false'])
@@ -138,6 +145,7 @@ var queueNames = {
   deadletter: 'provision-deadletter'
   lease: 'provision-leases'
   logs: 'provision-logs'
+  callbacks: 'provision-callbacks'
 }
 var allQueues = [
   queueNames.intake
@@ -146,6 +154,7 @@ var allQueues = [
   queueNames.deadletter
   queueNames.lease
   queueNames.logs
+  queueNames.callbacks
 ]
 var deploymentContainerName = 'app-package'
 var containerNames = [
@@ -180,7 +189,7 @@ module storage 'modules/storage.bicep' = {
     skuName: storageSkuName
     queueNames: allQueues
     containerNames: containerNames
-    tableNames: [statusTable]
+    tableNames: [statusTable, callbackTable]
   }
 }
 
@@ -235,6 +244,8 @@ var appSettings = {
   DEADLETTER_QUEUE: queueNames.deadletter
   LEASE_QUEUE: queueNames.lease
   STATUS_TABLE: statusTable
+  CALLBACK_QUEUE: queueNames.callbacks
+  CALLBACK_TABLE: callbackTable
   COALESCE_REQUESTS: coalesceRequests
   HIGH_PRIORITY_SHARE: highPriorityShare
 
@@ -254,6 +265,7 @@ var appSettings = {
   OUT_OF_SCOPE_RETRY_MINUTES: outOfScopeRetryMinutes
 
   RULE_CACHE_SECONDS: ruleCacheSeconds
+  NAME_CACHE_SECONDS: nameCacheSeconds
   AUTO_START_QUARANTINED_JOB: autoStartQuarantinedJob
   AUTO_START_COOLDOWN_SECONDS: autoStartCooldownSeconds
 
@@ -268,6 +280,11 @@ var appSettings = {
   EASY_AUTH_ENABLED: easyAuthEnabled ? 'true' : 'false'
   ALLOWED_CLIENT_APP_IDS: allowedClientAppIds
   ALLOWED_CLIENT_ROLES: allowedClientRoles
+  CALLBACK_ALLOWED_HOSTS: callbackAllowedHosts
+  // Loopback receivers are for local development only.
+  CALLBACK_ALLOW_LOOPBACK: 'false'
+  CALLBACK_MAX_ATTEMPTS: callbackMaxAttempts
+  CALLBACK_TIMEOUT_SECONDS: callbackTimeoutSeconds
 
   RESULTS_SINK: resultsSink
   LOGS_INGESTION_ENDPOINT: monitoring.outputs.logsIngestionEndpoint

@@ -11,7 +11,9 @@ from shared.errors import (
     RequestRejected,
     StatusStoreUnavailable,
 )
+from shared.intake import cloudevents
 from shared.intake import dry_run as dryrun
+from shared.intake.names import NameResolver
 from shared.intake.rule_discovery import RuleResolver, cache_for
 from shared.intake.signatures import verify as verify_signature
 from shared.intake.validation import (
@@ -25,6 +27,7 @@ from shared.operations import poison_sweep as poison
 from shared.operations.readiness import return_parked
 from shared.ratelimit.placement import place, place_now
 from shared.replies import HttpReply, error_reply
+from shared.results import callbacks
 from shared.runtime import Runtime
 from shared.worker import handle_work_message
 
@@ -71,13 +74,35 @@ def _rule_lookup(rt: Runtime) -> RuleResolver:
     return RuleResolver(rt.graph, cache_for(rt.settings.rule_cache_seconds))
 
 
+def _name_lookup(rt: Runtime) -> NameResolver:
+    return NameResolver(rt.graph, cache_for(rt.settings.name_cache_seconds), rt.settings)
+
+
+def _accept(text: str, rt: Runtime) -> list[AcceptedRequest]:
+    accepted = accept(text, rt.settings, rules=_rule_lookup(rt), names=_name_lookup(rt))
+    bulk = len(accepted) > 1
+    callbacks.check_requests(((f"[{i}].callbackUrl" if bulk else "callbackUrl", a.items[0].callbackUrl)
+                              for i, a in enumerate(accepted) if a.items and a.items[0].callbackUrl), rt.settings)
+    return accepted
+
+
+def _accept_http(text: str, headers: Mapping[str, str], rt: Runtime) -> list[AcceptedRequest]:
+    if not cloudevents.is_cloudevent(headers):
+        return _accept(text, rt)
+    events = cloudevents.unwrap(text, headers)
+    # Merge note: cloudevents.cloudevent_idempotency_key(event.ref()) per event is the key to hand to the
+    # Idempotency-Key mechanism (shared/intake/idempotency.py) in place of the header.
+    accepted = _accept(cloudevents.data_text(events, headers), rt)
+    return cloudevents.stamp(accepted, events)
+
+
 def provision_http(body: bytes, headers: Mapping[str, str], rt: Runtime,
                    params: Mapping[str, str] | None = None) -> HttpReply:
     try:
         # First: an unsigned caller learns nothing else about what we would accept.
         verify_signature(body, headers, rt.settings)
         text = check_http_request(body, headers, rt.settings)
-        accepted = accept(text, rt.settings, rules=_rule_lookup(rt))
+        accepted = _accept_http(text, headers, rt)
         if dryrun.wanted(params):
             # -WhatIf: nothing booked, no capacity taken, nothing sent to Graph.
             return HttpReply(200, dryrun.describe(accepted, rt.settings))
@@ -92,7 +117,7 @@ def provision_http(body: bytes, headers: Mapping[str, str], rt: Runtime,
 
 # As host.json's maxDequeueCount: the last delivery dead-letters with the reason instead of raising.
 INTAKE_DELIVERIES = 5
-TRANSIENT_INTAKE_CODES = {"SchemaUnavailable"}
+TRANSIENT_INTAKE_CODES = {"SchemaUnavailable", "DirectoryUnavailable"}
 
 
 def intake_message(raw: bytes | str, rt: Runtime, delivery: int = 1) -> list[str]:
@@ -101,7 +126,7 @@ def intake_message(raw: bytes | str, rt: Runtime, delivery: int = 1) -> list[str
     is retried through the queue, and dead-lettered (replayable) on the last delivery."""
     original = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
     try:
-        accepted = accept(decode_queue_text(raw), rt.settings, rules=_rule_lookup(rt))
+        accepted = _accept(decode_queue_text(raw), rt)
         work = _enqueue(accepted, rt)
     except RequestRejected as rejected:
         if rejected.info.code in TRANSIENT_INTAKE_CODES and delivery < INTAKE_DELIVERIES:
@@ -128,7 +153,15 @@ def request_status(request_id: str, rt: Runtime) -> HttpReply:
         return error_reply(_status_unavailable())
     if status is None:
         return error_reply(RequestRejected(404, "RequestNotFound", f"no request {request_id} is known here"))
+    if rt.settings.callback_hosts:
+        status = status.model_copy(update={"callbacks": rt.callbacks.states(request_id.lower()) or None})
     return HttpReply(200, status.model_dump(mode="json", exclude_none=True))
+
+
+def callback_message(raw: bytes | str, rt: Runtime) -> None:
+    """One delivery attempt of a result to its callbackUrl (shared/results/callbacks.py)."""
+    text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
+    callbacks.deliver(text, rt.queues, rt.callbacks, rt.settings, rt.callback_http)
 
 
 def work_message(raw: bytes | str, rt: Runtime) -> None:

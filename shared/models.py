@@ -13,6 +13,7 @@ from pydantic import (
     StringConstraints,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 
 GUID_RE = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
@@ -38,6 +39,17 @@ OBJECT_ID_FORMS = {
     "user": (DN_RE, "an AD distinguished name such as CN=Ada,OU=Staff,DC=corp,DC=example"),
     "Worker": (WORKER_ID_RE, "a Workday Worker ID (letters, digits, '.', '_' or '-', at most 64)"),
 }
+
+
+# Subjects by name (shared/intake/names.py): what may stand for objectId, per objectTypeName.
+NAME_PROPERTIES: dict[str, tuple[str, ...]] = {
+    "User": ("userPrincipalName", "mail", "employeeId"),
+    "Group": ("mailNickname", "displayName"),
+}
+# Checked further (https, allowed host, public addresses) by shared/results/callbacks.py at intake.
+CallbackUrl = Annotated[str, StringConstraints(strip_whitespace=True, min_length=9, max_length=2048,
+                                               pattern=r"^[\x21-\x7e]+$")]
+DirectoryName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=256)]
 
 
 def utcnow() -> datetime:
@@ -66,8 +78,8 @@ def _check_rule(value: str | None) -> str | None:
     return value
 
 
-def _check_object_id(object_id: str, type_name: str | None) -> str:
-    if type_name is None:  # objectTypeName itself failed; its own error says why
+def _check_object_id(object_id: str | None, type_name: str | None) -> str | None:
+    if type_name is None or object_id is None:  # objectTypeName failed (its own error says why), or a name is given
         return object_id
     pattern, form = OBJECT_ID_FORMS[type_name]
     if not pattern.match(object_id):
@@ -111,15 +123,49 @@ class Links(_Strict):
         return {"members": bool(self.members), "owners": bool(self.owners), "manager": self.manager is not None}
 
 
-class GraphSubject(_Strict):
+class SubjectName(BaseModel):
+    """The name a caller gave in place of objectId, kept beside the object id it resolved to."""
+
+    property: str
+    value: str
+
+
+class _ByName(_Strict):
+    """objectId, or one name that stands for it (NAME_PROPERTIES), resolved at intake."""
+
     # objectTypeName comes first so that objectId can be checked against it.
     objectTypeName: ObjectTypeName
-    objectId: str = Field(min_length=1, max_length=512)
+    objectId: str | None = Field(None, min_length=1, max_length=512)
+    userPrincipalName: DirectoryName | None = None
+    mail: DirectoryName | None = None
+    employeeId: DirectoryName | None = None
+    mailNickname: DirectoryName | None = None
+    displayName: DirectoryName | None = None
+
+    def subject_name(self) -> SubjectName | None:
+        given = [(p, getattr(self, p)) for props in NAME_PROPERTIES.values() for p in props if getattr(self, p)]
+        return SubjectName(property=given[0][0], value=given[0][1]) if given else None
+
+    @model_validator(mode="after")
+    def _one_identifier(self) -> "_ByName":
+        type_name = self.objectTypeName
+        allowed = NAME_PROPERTIES.get(type_name, ())
+        given = [p for props in NAME_PROPERTIES.values() for p in props if getattr(self, p)]
+        if wrong := [p for p in given if p not in allowed]:
+            hint = f"for {type_name!r} use one of {', '.join(allowed)}" if allowed else f"{type_name!r} needs objectId"
+            raise ValueError(f"{wrong[0]} cannot name a subject of objectTypeName {type_name!r}: {hint}")
+        if len(given) + (self.objectId is not None) != 1:
+            names = " or ".join(("objectId",) + allowed)
+            raise ValueError(f"give exactly one of {names}")
+        return self
+
+
+class GraphSubject(_ByName):
     links: Links | None = None
 
     @field_validator("objectId")
     @classmethod
-    def _object_id(cls, v: str, info: ValidationInfo) -> str:
+    def _object_id(cls, v: str | None, info: ValidationInfo) -> str | None:
         return _check_object_id(v, info.data.get("objectTypeName"))
 
     @field_validator("links")
@@ -141,9 +187,11 @@ class GraphBodyEvent(_Strict):
 
     parameters: list[GraphParameter] = Field(min_length=1, max_length=100)
     servicePrincipalId: str | None = None
+    application: DirectoryName | None = None  # display name or appId, in place of servicePrincipalId
     jobId: str | None = None
     correlationId: CorrelationId | None = None
     priority: Priority = "normal"
+    callbackUrl: CallbackUrl | None = None  # where each result is POSTed (shared/results/callbacks.py)
     # Logic Apps and SDKs sometimes copy this annotation along; it carries no meaning here.
     odata_type: str | None = Field(None, alias="@odata.type")
 
@@ -151,19 +199,19 @@ class GraphBodyEvent(_Strict):
     _job = field_validator("jobId")(classmethod(lambda cls, v: _check_job(v)))
 
 
-class CompactEvent(_Strict):
+class CompactEvent(_ByName):
     """Shape (b): one subject in a flat event, as an HR system or webhook would send it."""
 
-    objectTypeName: ObjectTypeName
-    objectId: str = Field(min_length=1, max_length=512)
     ruleId: str | None = None
     servicePrincipalId: str | None = None
+    application: DirectoryName | None = None  # display name or appId, in place of servicePrincipalId
     jobId: str | None = None
     members: list[Member] | None = Field(None, max_length=MAX_MEMBERS_PER_REQUEST)
     manager: Member | None = None
     owners: list[Member] | None = Field(None, max_length=MAX_OWNERS_PER_SUBJECT)
     correlationId: CorrelationId | None = None
     priority: Priority = "normal"
+    callbackUrl: CallbackUrl | None = None  # where each result is POSTed (shared/results/callbacks.py)
 
     _sp = field_validator("servicePrincipalId")(classmethod(lambda cls, v: _check_guid(v, "servicePrincipalId")))
     _job = field_validator("jobId")(classmethod(lambda cls, v: _check_job(v)))
@@ -171,7 +219,7 @@ class CompactEvent(_Strict):
 
     @field_validator("objectId")
     @classmethod
-    def _object_id(cls, v: str, info: ValidationInfo) -> str:
+    def _object_id(cls, v: str | None, info: ValidationInfo) -> str | None:
         return _check_object_id(v, info.data.get("objectTypeName"))
 
     @field_validator("members", "owners", "manager", mode="before")
@@ -190,8 +238,9 @@ class CompactEvent(_Strict):
 
     def as_subject(self) -> GraphSubject:
         links = Links(members=self.members or [], manager=self.manager, owners=self.owners or [])
+        names = {p: getattr(self, p) for p in NAME_PROPERTIES.get(self.objectTypeName, ()) if getattr(self, p)}
         return GraphSubject(objectId=self.objectId, objectTypeName=self.objectTypeName,
-                            links=links if any(links.present().values()) else None)
+                            links=links if any(links.present().values()) else None, **names)
 
 
 class Subject(BaseModel):
@@ -202,6 +251,7 @@ class Subject(BaseModel):
     members: list[str] | None = None
     manager: str | None = None  # links.manager's objectId (User subjects)
     owners: list[str] | None = None  # links.owners' objectIds (Group subjects)
+    name: SubjectName | None = None  # the name the caller gave in place of objectId
 
     def graph_links(self) -> dict[str, Any] | None:
         """synchronizationLinkedObjects as Graph takes it, or None when the subject has no links."""
@@ -214,6 +264,15 @@ class Subject(BaseModel):
         return links or None
 
 
+class CloudEventRef(BaseModel):
+    """The CloudEvent a request came in (shared/intake/cloudevents.py), carried into its results."""
+
+    type: str
+    subject: str | None = None
+    source: str
+    id: str
+
+
 class Follower(BaseModel):
     """A call that joined an equal waiting call instead of making its own (shared/status/store.py)."""
 
@@ -222,6 +281,9 @@ class Follower(BaseModel):
     callCount: int
     correlationId: str | None = None
     receivedAt: datetime
+    event: CloudEventRef | None = None
+    subject: Subject | None = None  # its own: an equal call may have named the subject differently
+    callbackUrl: str | None = None
 
     @property
     def call_id(self) -> str:
@@ -255,6 +317,8 @@ class WorkItem(BaseModel):
     coalesceKey: str | None = None
     openEtag: str | None = None
     followers: list[Follower] = Field(default_factory=list)
+    event: CloudEventRef | None = None  # when the request came as a CloudEvent
+    callbackUrl: str | None = None  # checked at intake; never copied into results (it may hold a token)
 
     @property
     def call_id(self) -> str:
@@ -376,6 +440,7 @@ class ResultMessage(Outcome):
     servedBy: str | None = None  # the resultId of the call that served this request, when coalesced
     jobStatus: JobStatus | None = None  # only when the failure pointed at the job (shared/graph/job_guard.py)
     outOfScopeRetries: int = 0  # extra Graph calls made because the subject was not in scope yet
+    event: CloudEventRef | None = None  # the CloudEvent the request came in, if it came as one
 
 
 class ErrorInfo(BaseModel):
@@ -417,6 +482,32 @@ class CallStatus(BaseModel):
     result: dict[str, Any] | None = None  # the result message, once there is one
 
 
+CallbackPhase = Literal["pending", "retrying", "delivered", "failed"]
+
+
+class CallbackState(BaseModel):
+    """Where the callback of one result stands (shared/results/callbacks.py)."""
+
+    resultId: str
+    state: CallbackPhase
+    host: str  # never the whole URL: its path or query may carry the receiver's secret
+    attempts: int = 0
+    lastStatus: int | None = None  # the receiver's last HTTP status
+    lastError: str | None = None
+    nextAttemptAt: datetime | None = None
+    updatedAt: datetime
+
+
+class CallbackMessage(BaseModel):
+    """One result to POST, on CALLBACK_QUEUE; `result` is the exact body sent (and signed)."""
+
+    url: str
+    resultId: str
+    requestId: str
+    result: str
+    attempts: int = 0
+
+
 ORDER_OF_PROGRESS = ("queued", "waiting", "calling")
 ORDER_OF_SEVERITY = ("succeeded", "skipped", "failed", "dead-lettered")
 
@@ -431,6 +522,7 @@ class RequestStatus(BaseModel):
     eta: datetime | None = None  # when its last waiting call is due
     etaSeconds: float | None = None
     calls: list[CallStatus]
+    callbacks: list[CallbackState] | None = None  # where each result's callback stands, when one was asked for
 
     def summarised(self, now: float) -> "RequestStatus":
         """A request is as far along as its least advanced call and, once every call has finished,

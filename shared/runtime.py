@@ -6,12 +6,15 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Callable, TypeVar
 
+import httpx
+
 from shared.graph.client import GraphClient
 from shared.graph.credentials import app_credential
 from shared.models import WorkItem
 from shared.queues import Queues, service_client
 from shared.ratelimit.slot_timeline import Schedule
 from shared.ratelimit.token_gate import QueueTokenStore, RateGate, pool_queue_name
+from shared.results.callbacks import CallbackLedger, http_client
 from shared.results.log_analytics import result_sinks
 from shared.results.sinks import ResultSink
 from shared.settings import Settings, get_settings
@@ -27,6 +30,8 @@ class Runtime:
     graph: GraphClient
     sinks: list[ResultSink]
     status: StatusStore
+    callbacks: CallbackLedger
+    callback_http: httpx.Client
     _gates: dict[str, RateGate] = field(default_factory=dict)
     _schedules: dict[str, Schedule] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -59,7 +64,8 @@ def build_runtime(settings: Settings) -> Runtime:
     queues = Queues(service_client(settings))
     graph = GraphClient(settings, app_credential(settings.azure_client_id))
     return Runtime(settings=settings, queues=queues, graph=graph, sinks=result_sinks(settings, queues),
-                   status=StatusStore.connect(settings))
+                   status=StatusStore.connect(settings), callbacks=CallbackLedger.connect(settings),
+                   callback_http=http_client(settings))
 
 
 @lru_cache(maxsize=1)

@@ -116,9 +116,19 @@ class Settings(BaseSettings):
 
     # Rule discovery (shared/intake/rule_discovery.py) and the quarantine guard (shared/graph/job_guard.py).
     rule_cache_seconds: float = Field(600.0, alias="RULE_CACHE_SECONDS", ge=0, le=86400)
+    # Subjects and applications by name (shared/intake/names.py): how long a unique answer is reused.
+    name_cache_seconds: float = Field(600.0, alias="NAME_CACHE_SECONDS", ge=0, le=86400)
     auto_start_quarantined_job: bool = Field(False, alias="AUTO_START_QUARANTINED_JOB")
     # A queue message can hide for 7 days at most, and that hidden message is the cooldown.
     auto_start_cooldown_seconds: int = Field(3600, alias="AUTO_START_COOLDOWN_SECONDS", ge=1, le=604800)
+
+    # Callbacks (shared/results/callbacks.py): off while no host is allowed.
+    callback_allowed_hosts: str | None = Field(None, alias="CALLBACK_ALLOWED_HOSTS")
+    callback_allow_loopback: bool = Field(False, alias="CALLBACK_ALLOW_LOOPBACK")  # local development only
+    callback_max_attempts: int = Field(8, alias="CALLBACK_MAX_ATTEMPTS", ge=1, le=50)
+    callback_timeout_seconds: float = Field(10.0, alias="CALLBACK_TIMEOUT_SECONDS", gt=0, le=60)
+    callback_queue: str = Field("provision-callbacks", alias="CALLBACK_QUEUE", max_length=56)
+    callback_table: str = Field("provisioncallbacks", alias="CALLBACK_TABLE", pattern=r"^[A-Za-z][A-Za-z0-9]{2,62}$")
 
     results_sink: ResultsSink = Field(ResultsSink.QUEUE, alias="RESULTS_SINK")
     logs_ingestion_endpoint: str | None = Field(None, alias="LOGS_INGESTION_ENDPOINT")
@@ -237,6 +247,11 @@ class Settings(BaseSettings):
     @property
     def graph_root(self) -> str:
         return (self.graph_endpoint or GRAPH_ROOTS[GraphCloud(self.graph_cloud)]).rstrip("/")
+
+    @property
+    def callback_hosts(self) -> tuple[str, ...]:
+        """CALLBACK_ALLOWED_HOSTS as lower-case names; `*.example.com` allows any subdomain."""
+        return tuple(h.strip().lower().rstrip(".") for h in (self.callback_allowed_hosts or "").split(",") if h.strip())
 
     @property
     def logs_enabled(self) -> bool:

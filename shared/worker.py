@@ -24,6 +24,7 @@ from shared.graph.retry_policy import backoff_seconds
 from shared.models import ErrorInfo, Outcome, ResultMessage, WorkItem, utcnow
 from shared.ratelimit.placement import hold_until_slot, place_now
 from shared.ratelimit.token_gate import Lease, RateGate
+from shared.results import callbacks
 from shared.results.redaction import redact
 from shared.runtime import Runtime
 
@@ -148,14 +149,19 @@ def _emit(item: WorkItem, rt: Runtime, outcome: Outcome, failure: GraphFailure |
         subject=item.subject, callIndex=item.callIndex, callCount=item.callCount,
         attempts=item.attempts, receivedAt=item.receivedAt, completedAt=utcnow(), jobStatus=job_status,
         priority=item.priority, callsSaved=len(item.followers), outOfScopeRetries=item.outOfScopeRetries,
+        event=item.event,
     )
     if rt.settings.redact_pii:  # before every sink: queue and Log Analytics alike
         result = redact(result, rt.settings.redact_pii_salt or "")
     results = [result] + [result.model_copy(update={
         "resultId": f.call_id, "requestId": f.requestId, "correlationId": f.correlationId,
         "callIndex": f.callIndex, "callCount": f.callCount, "receivedAt": f.receivedAt,
-        "callsSaved": 0, "servedBy": result.resultId}) for f in item.followers]
+        "callsSaved": 0, "servedBy": result.resultId, "event": f.event,
+        "subject": f.subject or result.subject}) for f in item.followers]
     for each in results:
         for sink in rt.sinks:
             sink.emit(each)
     rt.status.finish(item, results)
+    urls = [item.callbackUrl] + [f.callbackUrl for f in item.followers]
+    if any(urls):  # after the call and its lease: a callback never delays or costs a Graph call
+        callbacks.schedule(list(zip(results, urls)), rt.queues, rt.callbacks, rt.settings)

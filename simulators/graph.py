@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 from urllib.parse import parse_qs, unquote
 
+from . import directory
 from .httpbase import SimHandler, SimServer, parse_json_body
 from .ratelimit import SlidingWindowLimiter, max_in_window, parse_rate
 from .responses import (
@@ -686,6 +687,8 @@ class _GraphHandler(SimHandler):
         if raw_path.startswith("/_sim/"):
             self._admin(raw_path, query)
             return
+        if directory.handle(self, raw_path):  # /users, /groups, /servicePrincipals reads (simulators/directory.py)
+            return
         call, route = self._parse(raw_path, query)
         if route is None:
             self._no_route(call, raw_path)
@@ -1014,3 +1017,4 @@ ADMIN_ROUTES: dict[tuple[str, str], Callable[[GraphSimulator, Any, dict[str, str
         _object(body)["servicePrincipalId"], body["jobId"], body.get("synchronizationRules"),
         http_status=body.get("httpStatus")),
 }
+directory.register(ADMIN_ROUTES)

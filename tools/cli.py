@@ -1,6 +1,8 @@
 """Operator CLI: `python -m tools.cli --help`.
 
     send                 post an event to the function URL, or put it on the intake queue
+                         (--callback-url to have each result POSTed back; --cloudevent-type and
+                         --cloudevent-source to post it as a CloudEvent)
     status               where a request stands (GET /api/provision/{requestId}; --wait until it ends)
     results              show results (peek; --follow to tail, --consume to take them off)
     deadletters list     show dead-letter entries with the ids replay takes
@@ -16,6 +18,7 @@ import json
 import os
 import sys
 import time
+import uuid
 from typing import Any, Callable, Iterable, TextIO
 
 import httpx
@@ -23,12 +26,14 @@ from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
 from azure.storage.queue import QueueClient
 from pydantic import ValidationError
 
-from shared.models import DeadLetter, WorkItem
+from shared.intake.cloudevents import STRUCTURED
+from shared.models import CallbackMessage, DeadLetter, WorkItem
 from shared.queues import DEV_STORAGE, NEVER_EXPIRE
 
 QUEUE_DEFAULTS = {"intake": ("INTAKE_QUEUE", "provision-requests"), "work": ("WORK_QUEUE", "provision-work"),
                   "results": ("RESULTS_QUEUE", "provision-results"),
-                  "deadletter": ("DEADLETTER_QUEUE", "provision-deadletter")}
+                  "deadletter": ("DEADLETTER_QUEUE", "provision-deadletter"),
+                  "callback": ("CALLBACK_QUEUE", "provision-callbacks")}
 # Read from the operator's shell, never by the app: not an app setting (tests/test_infra.py scans
 # shared/ for os.environ reads of literal names to find app settings).
 FUNCTION_KEY_ENV = "FUNCTION_KEY"
@@ -90,10 +95,36 @@ def _body(args: argparse.Namespace, stdin: TextIO) -> str:
     return text
 
 
+def _with_callback(text: str, url: str) -> str:
+    document = json.loads(text)
+    events = document if isinstance(document, list) else [document]
+    if not all(isinstance(e, dict) for e in events):
+        raise CliError("--callback-url needs the event (or each event of the array) to be a JSON object")
+    stamped = [dict(e, callbackUrl=url) for e in events]
+    return json.dumps(stamped if isinstance(document, list) else stamped[0])
+
+
+def _as_cloudevent(text: str, args: argparse.Namespace) -> str:
+    """Structured mode: the event becomes the CloudEvent's data (shared/intake/cloudevents.py)."""
+    if not (args.cloudevent_type and args.cloudevent_source):
+        raise CliError("a CloudEvent needs both --cloudevent-type and --cloudevent-source")
+    event = {"specversion": "1.0", "id": args.cloudevent_id or str(uuid.uuid4()), "source": args.cloudevent_source,
+             "type": args.cloudevent_type, "datacontenttype": "application/json", "data": json.loads(text)}
+    if args.cloudevent_subject:
+        event["subject"] = args.cloudevent_subject
+    return json.dumps(event)
+
+
 def cmd_send(args: argparse.Namespace, out: TextIO, stdin: TextIO) -> int:
     text = _body(args, stdin)
+    if args.callback_url:
+        text = _with_callback(text, args.callback_url)
+    cloudevent = bool(args.cloudevent_type or args.cloudevent_source)
+    if cloudevent and not args.url:
+        raise CliError("CloudEvents are taken over HTTP only: give --url")
     if args.url:
-        headers = {"Content-Type": "application/json"}
+        headers = {"Content-Type": STRUCTURED if cloudevent else "application/json"}
+        text = _as_cloudevent(text, args) if cloudevent else text
         if args.key:
             headers["x-functions-key"] = args.key
         params = {"dryRun": "true"} if args.dry_run else {}
@@ -217,6 +248,13 @@ def _replay_target(letter: DeadLetter) -> tuple[str | None, str]:
         # history, and the old slot is long gone; the worker books a new one if it must wait.
         fresh = item.model_copy(update={"attempts": 0, "deferrals": 0, "notBefore": None})
         return "work", fresh.model_dump_json(exclude_none=True)
+    if letter.source == "callback":
+        try:
+            message = CallbackMessage.model_validate_json(letter.original)
+        except ValidationError:
+            return None, "the original is not a callback message"
+        # Delivery checks the URL again, so a host taken off CALLBACK_ALLOWED_HOSTS stays uncalled.
+        return "callback", message.model_copy(update={"attempts": 0}).model_dump_json()
     return None, f"entries from {letter.source!r} are not replayed by this command"
 
 
@@ -256,7 +294,7 @@ def cmd_deadletters_replay(args: argparse.Namespace, out: TextIO, stdin: TextIO)
     if not args.all and not args.id:
         raise CliError("give --id ID (repeatable) or --all")
     dead = _queue(args, "deadletter")
-    targets = {"intake": _queue(args, "intake"), "work": _queue(args, "work")}
+    targets = {kind: _queue(args, kind) for kind in ("intake", "work", "callback")}
     ids = None if args.all else set(args.id)
     replayed, skipped = 0, 0
     found: set[str] = set()
@@ -301,6 +339,12 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("--data", help="the event as JSON text")
     send.add_argument("--file", help="a file holding the event, - for stdin")
     send.add_argument("--timeout", type=float, default=30)
+    send.add_argument("--callback-url", help="POST each result to this https URL (its host must be on "
+                                             "CALLBACK_ALLOWED_HOSTS)")
+    send.add_argument("--cloudevent-type", help="send as a CloudEvents 1.0 event of this type (with --url)")
+    send.add_argument("--cloudevent-source", help="the CloudEvent's source; source + id make its idempotency key")
+    send.add_argument("--cloudevent-id", help="the CloudEvent's id (default: a new UUID)")
+    send.add_argument("--cloudevent-subject", help="the CloudEvent's subject, carried into the results")
     send.set_defaults(handler=cmd_send)
 
     status = commands.add_parser("status", help="where a request stands, from the status API")
@@ -325,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     dead = commands.add_parser("deadletters", help="list or replay dead-letter entries")
     dead_commands = dead.add_subparsers(dest="action", required=True)
     listing = dead_commands.add_parser("list", help="show entries (the first 32) as JSON lines")
-    listing.add_argument("--source", choices=["intake", "work", "loganalytics"])
+    listing.add_argument("--source", choices=["intake", "work", "loganalytics", "callback"])
     listing.add_argument("--full", action="store_true", help="include the original message")
     listing.set_defaults(handler=cmd_deadletters_list)
     replay = dead_commands.add_parser("replay", help="re-send entries, then delete them from the dead-letter queue")

@@ -9,6 +9,8 @@ needs, with the Microsoft.Graph PowerShell module. Idempotent: what exists is sk
 -Mode OwnedBy  Application.ReadWrite.OwnedBy plus ownership of -TargetServicePrincipalId: least
                privilege, limited to that app; restarting a job was reported to fail with it
                (microsoft-graph-docs-contrib issue 8800). See docs/deploy.md.
+-DirectoryRead also User.Read.All, Group.Read.All and Application.Read.All, so that requests may
+               name subjects and applications instead of giving object ids (optional).
 
 Run as a Privileged Role Administrator (app role grants); -Mode OwnedBy also needs the right to
 manage the target service principal's owners. Supports -WhatIf. Defaults come from the azd
@@ -28,7 +30,9 @@ param(
     [string] $TargetServicePrincipalId = $env:DEFAULT_SERVICE_PRINCIPAL_ID,
 
     [ValidateSet('Global', 'USGovL4', 'USGovL5')]
-    [string] $Cloud = $(if ($env:GRAPH_CLOUD) { $env:GRAPH_CLOUD } else { 'Global' })
+    [string] $Cloud = $(if ($env:GRAPH_CLOUD) { $env:GRAPH_CLOUD } else { 'Global' }),
+
+    [switch] $DirectoryRead
 )
 
 Set-StrictMode -Version Latest
@@ -60,18 +64,23 @@ $graphSp = Get-MgServicePrincipal -Filter "appId eq '$graphAppId'" -Property Id,
 $appRole = $graphSp.AppRoles | Where-Object { $_.Value -eq $role -and $_.AllowedMemberTypes -contains 'Application' }
 if (-not $appRole) { throw "Microsoft Graph's app role $role was not found in this tenant." }
 
-$existing = Get-MgServicePrincipalAppRoleAssignment -ServicePrincipalId $PrincipalId -All |
-    Where-Object { $_.AppRoleId -eq $appRole.Id -and $_.ResourceId -eq $graphSp.Id }
-if ($existing) {
-    Write-Output "Skipped: $PrincipalId already has Microsoft Graph $role."
+# Grant one Microsoft Graph app role unless the identity holds it already. Posted to the resource's
+# appRoleAssignedTo, as Graph's grant-an-app-role guide does:
+# https://learn.microsoft.com/graph/api/serviceprincipal-post-approleassignedto
+function Grant-GraphRole([string] $Name, $AppRole) {
+    $held = Get-MgServicePrincipalAppRoleAssignment -ServicePrincipalId $PrincipalId -All |
+        Where-Object { $_.AppRoleId -eq $AppRole.Id -and $_.ResourceId -eq $graphSp.Id }
+    if ($held) {
+        Write-Output "Skipped: $PrincipalId already has Microsoft Graph $Name."
+    }
+    elseif ($PSCmdlet.ShouldProcess($PrincipalId, "Grant Microsoft Graph $Name")) {
+        New-MgServicePrincipalAppRoleAssignedTo -ServicePrincipalId $graphSp.Id -PrincipalId $PrincipalId `
+            -ResourceId $graphSp.Id -AppRoleId $AppRole.Id | Out-Null
+        Write-Output "Granted: Microsoft Graph $Name to $PrincipalId."
+    }
 }
-elseif ($PSCmdlet.ShouldProcess($PrincipalId, "Grant Microsoft Graph $role")) {
-    # Posted to the resource's appRoleAssignedTo, as Graph's grant-an-app-role guide does:
-    # https://learn.microsoft.com/graph/api/serviceprincipal-post-approleassignedto
-    New-MgServicePrincipalAppRoleAssignedTo -ServicePrincipalId $graphSp.Id -PrincipalId $PrincipalId `
-        -ResourceId $graphSp.Id -AppRoleId $appRole.Id | Out-Null
-    Write-Output "Granted: Microsoft Graph $role to $PrincipalId."
-}
+
+Grant-GraphRole $role $appRole
 
 if ($Mode -eq 'OwnedBy') {
     # OwnedBy covers only what the identity owns: the enterprise app's service principal itself.
@@ -86,5 +95,13 @@ if ($Mode -eq 'OwnedBy') {
     }
 }
 
+# -DirectoryRead: subjects and applications by name (shared/intake/names.py) read the directory.
+if ($DirectoryRead) {
+    foreach ($readRole in @('User.Read.All', 'Group.Read.All', 'Application.Read.All')) {
+        $readAppRole = $graphSp.AppRoles | Where-Object { $_.Value -eq $readRole -and $_.AllowedMemberTypes -contains 'Application' }
+        Grant-GraphRole $readRole $readAppRole
+    }
+}
+
 Write-Output 'Managed identity tokens are cached for up to 24 hours: restart the Function App so that new tokens carry the role,'
-Write-Output 'then run the preflight: GET /api/health/deep (function key) or python -m shared.preflight.'
+Write-Output 'then run the preflight: GET /api/health/deep (function key) or python -m tools.preflight.'

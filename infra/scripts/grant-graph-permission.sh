@@ -7,6 +7,8 @@
 #   --mode ownedby  Application.ReadWrite.OwnedBy plus ownership of --target-sp: least privilege,
 #                   limited to that app; restarting a job was reported to fail with it
 #                   (microsoft-graph-docs-contrib issue 8800). See docs/deploy.md.
+#   --directory-read  also User.Read.All, Group.Read.All and Application.Read.All, so that requests
+#                   may name subjects and applications instead of giving object ids (optional).
 #
 # Needs an az login as a Privileged Role Administrator (app role grants), plus owner-management
 # rights on the target service principal for --mode ownedby. For US Gov clouds, `az cloud set
@@ -19,12 +21,13 @@ target_sp="${DEFAULT_SERVICE_PRINCIPAL_ID:-}"
 cloud="${GRAPH_CLOUD:-Global}"
 mode="sync"
 dry_run=false
+directory_read=false
 
 usage() {
-  sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'
   echo
   echo "Usage: $0 --principal-id <identity object id> [--mode sync|ownedby] [--target-sp <object id>]"
-  echo "          [--cloud Global|USGovL4|USGovL5] [--dry-run]"
+  echo "          [--cloud Global|USGovL4|USGovL5] [--dry-run] [--directory-read]"
 }
 
 while [ $# -gt 0 ]; do
@@ -34,6 +37,7 @@ while [ $# -gt 0 ]; do
     --target-sp) target_sp="${2:-}"; shift 2 ;;
     --cloud) cloud="${2:-}"; shift 2 ;;
     --dry-run) dry_run=true; shift ;;
+    --directory-read) directory_read=true; shift ;;
     -h|--help) usage; exit 0 ;;
     *) echo "Unknown argument: $1" >&2; usage >&2; exit 2 ;;
   esac
@@ -81,23 +85,29 @@ if [ -z "$graph_sp_id" ] || [ -z "$role_id" ] || [ "$role_id" = "None" ]; then
   exit 1
 fi
 
-existing=$(graph_rest --method get \
-  --url "$graph/v1.0/servicePrincipals/$principal_id/appRoleAssignments" \
-  --query "length(value[?appRoleId=='$role_id' && resourceId=='$graph_sp_id'])" -o tsv | tr -d '\r')
-if [ "$existing" != "0" ]; then
-  say "Skipped: $principal_id already has Microsoft Graph $role."
-elif $dry_run; then
-  say "Would grant Microsoft Graph $role to $principal_id (dry run)."
-else
-  # Posted to the resource's appRoleAssignedTo, as Graph's grant-an-app-role guide does:
-  # https://learn.microsoft.com/graph/api/serviceprincipal-post-approleassignedto
-  graph_rest --method post \
-    --url "$graph/v1.0/servicePrincipals/$graph_sp_id/appRoleAssignedTo" \
-    --headers "Content-Type=application/json" \
-    --body "{\"principalId\":\"$principal_id\",\"resourceId\":\"$graph_sp_id\",\"appRoleId\":\"$role_id\"}" \
-    --output none
-  say "Granted: Microsoft Graph $role to $principal_id."
-fi
+# Grant one Microsoft Graph app role (name, id) unless the identity holds it already. Posted to the
+# resource's appRoleAssignedTo, as Graph's grant-an-app-role guide does:
+# https://learn.microsoft.com/graph/api/serviceprincipal-post-approleassignedto
+grant_role() {
+  local name="$1" id="$2" held
+  held=$(graph_rest --method get \
+    --url "$graph/v1.0/servicePrincipals/$principal_id/appRoleAssignments" \
+    --query "length(value[?appRoleId=='$id' && resourceId=='$graph_sp_id'])" -o tsv | tr -d '\r')
+  if [ "$held" != "0" ]; then
+    say "Skipped: $principal_id already has Microsoft Graph $name."
+  elif $dry_run; then
+    say "Would grant Microsoft Graph $name to $principal_id (dry run)."
+  else
+    graph_rest --method post \
+      --url "$graph/v1.0/servicePrincipals/$graph_sp_id/appRoleAssignedTo" \
+      --headers "Content-Type=application/json" \
+      --body "{\"principalId\":\"$principal_id\",\"resourceId\":\"$graph_sp_id\",\"appRoleId\":\"$id\"}" \
+      --output none
+    say "Granted: Microsoft Graph $name to $principal_id."
+  fi
+}
+
+grant_role "$role" "$role_id"
 
 if [ "$mode" = "ownedby" ]; then
   # OwnedBy covers only what the identity owns: the enterprise app's service principal itself,
@@ -119,5 +129,15 @@ if [ "$mode" = "ownedby" ]; then
   fi
 fi
 
+# --directory-read: subjects and applications by name (shared/intake/names.py) read the directory.
+if $directory_read; then
+  for read_role in User.Read.All Group.Read.All Application.Read.All; do
+    read_role_id=$(graph_rest --method get \
+      --url "$graph/v1.0/servicePrincipals(appId='$GRAPH_APP_ID')?\$select=id,appRoles" \
+      --query "appRoles[?value=='$read_role' && contains(allowedMemberTypes, 'Application')].id | [0]" -o tsv | tr -d '\r')
+    grant_role "$read_role" "$read_role_id"
+  done
+fi
+
 say "Managed identity tokens are cached for up to 24 hours: restart the Function App so that new tokens carry the role,"
-say "then run the preflight: GET /api/health/deep (function key) or python -m shared.preflight."
+say "then run the preflight: GET /api/health/deep (function key) or python -m tools.preflight."

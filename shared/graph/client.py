@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Callable
+from typing import Callable, Mapping
 from urllib.parse import quote
 
 import httpx
@@ -145,9 +145,17 @@ class GraphClient:
         path = job_path(self._settings.graph_api_version, service_principal_id, job_id) + "/start"
         self._job_request("POST", path, token, ok=(200, 202, 204))
 
-    def _job_request(self, method: str, path: str, token: str, ok: tuple[int, ...] = (200,)) -> httpx.Response:
+    def read(self, path: str, token: str, params: Mapping[str, str] | None = None,
+             headers: Mapping[str, str] | None = None) -> dict:
+        """GET a directory resource (e.g. /v1.0/users?$filter=...): a read, never a provisionOnDemand call."""
+        return _json_object(self._job_request("GET", path, token, params=params, headers=headers))
+
+    def _job_request(self, method: str, path: str, token: str, ok: tuple[int, ...] = (200,),
+                     params: Mapping[str, str] | None = None,
+                     headers: Mapping[str, str] | None = None) -> httpx.Response:
         try:
-            response = self._http.request(method, path, headers={"Authorization": f"Bearer {token}"})
+            response = self._http.request(method, path, params=params,
+                                          headers={**(headers or {}), "Authorization": f"Bearer {token}"})
         except httpx.TimeoutException:
             raise GraphFailure.of("transient", "Timeout", "Graph did not answer in time") from None
         except httpx.TransportError as exc:

@@ -7,6 +7,7 @@ from typing import Any, Mapping
 
 from shared.graph.client import provision_path
 from shared.intake.validation import AcceptedRequest
+from shared.models import WorkItem
 from shared.settings import Settings
 
 TRUE = {"1", "true", "yes", "on"}
@@ -19,6 +20,12 @@ def wanted(params: Mapping[str, str] | None) -> bool:
     return str(lowered.get("dryrun", "")).strip().lower() in TRUE
 
 
+def _origin(item: WorkItem) -> dict[str, Any]:
+    """The name the subject was given by and the CloudEvent the call came in, when so."""
+    origin = {"subjectName": item.subject.name, "event": item.event}
+    return {k: v.model_dump(exclude_none=True) for k, v in origin.items() if v is not None}
+
+
 def describe(accepted: list[AcceptedRequest], settings: Settings) -> dict[str, Any]:
     version = settings.graph_api_version
     return {
@@ -29,7 +36,8 @@ def describe(accepted: list[AcceptedRequest], settings: Settings) -> dict[str, A
             "requestId": None,
             "correlationId": request.correlationId,
             "calls": [{"method": "POST", "path": provision_path(version, item.servicePrincipalId, item.jobId),
-                       "body": item.graph_body(), "callIndex": item.callIndex, "callCount": item.callCount}
+                       "body": item.graph_body(), "callIndex": item.callIndex, "callCount": item.callCount,
+                       **_origin(item)}
                       for item in request.items],
         } for request in accepted],
     }

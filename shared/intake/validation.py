@@ -12,7 +12,7 @@ import logging
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from pydantic import ValidationError
 
@@ -23,10 +23,14 @@ from shared.models import (
     GraphBodyEvent,
     GraphSubject,
     Subject,
+    SubjectName,
     WorkItem,
     utcnow,
 )
 from shared.settings import Settings
+
+if TYPE_CHECKING:
+    from shared.intake.names import NameResolver
 
 log = logging.getLogger(__name__)
 
@@ -101,11 +105,13 @@ def _resolve(value: str | None, default: str | None, field_name: str, setting: s
                           [{"field": f"{prefix}{field_name}", "message": f"give {field_name} or set {setting}"}])
 
 
-def _subject_calls(subject: GraphSubject) -> list[Subject]:
+def _subject_calls(subject: GraphSubject, field: str, names: NameResolver | None) -> list[Subject]:
+    name = subject.subject_name()
+    object_id = subject.objectId or _object_id_for(subject.objectTypeName, name, field, names)
     links = subject.links
     members = [m.objectId for m in links.members] if links else []
     # Manager and owners are sent as given, with every call for the subject, so each call stands alone.
-    base = Subject(objectId=subject.objectId, objectTypeName=subject.objectTypeName,
+    base = Subject(objectId=object_id, objectTypeName=subject.objectTypeName, name=name,
                    manager=links.manager.objectId if links and links.manager else None,
                    owners=[o.objectId for o in links.owners] if links and links.owners else None)
     if not members:
@@ -115,20 +121,45 @@ def _subject_calls(subject: GraphSubject) -> list[Subject]:
             for i in range(0, len(members), MAX_GROUP_MEMBERS_PER_CALL)]
 
 
+def _object_id_for(type_name: str, name: SubjectName | None, field: str, names: NameResolver | None) -> str:
+    assert name is not None, "the model lets no subject through without objectId or a name"
+    if names is None:
+        raise RequestRejected(422, "ValidationFailed", f"{name.property} cannot be resolved here; send objectId",
+                              [{"field": field, "message": "send objectId"}])
+    return names.object_id(type_name, name, field)
+
+
+def _target(event: GraphBodyEvent | CompactEvent, settings: Settings, prefix: str,
+            names: NameResolver | None) -> tuple[str, str]:
+    """(servicePrincipalId, jobId): as given, from `application` through the directory, or the defaults."""
+    if event.application is None or names is None:
+        if event.application is not None:
+            raise RequestRejected(422, "ValidationFailed", "application cannot be resolved here; send servicePrincipalId",
+                                  [{"field": f"{prefix}application", "message": "send servicePrincipalId"}])
+        return (_resolve(event.servicePrincipalId, settings.default_service_principal_id, "servicePrincipalId",
+                         "DEFAULT_SERVICE_PRINCIPAL_ID", prefix),
+                _resolve(event.jobId, settings.default_job_id, "jobId", "DEFAULT_JOB_ID", prefix))
+    if event.servicePrincipalId is not None:
+        raise RequestRejected(422, "ValidationFailed", "give application or servicePrincipalId, not both",
+                              [{"field": f"{prefix}application", "message": "give one of the two"}])
+    sp = names.service_principal(event.application, f"{prefix}application")
+    return sp, event.jobId or names.job(sp, f"{prefix}application")
+
+
 # (servicePrincipalId, jobId, subject, field path) -> ruleId; raises RequestRejected (shared/intake/rule_discovery.py).
 RuleLookup = Callable[[str, str, Subject, str], str]
 
 
 def plan(event: GraphBodyEvent | CompactEvent, settings: Settings, index: int | None = None,
-         received_at: datetime | None = None, rules: RuleLookup | None = None) -> AcceptedRequest:
+         received_at: datetime | None = None, rules: RuleLookup | None = None,
+         names: NameResolver | None = None) -> AcceptedRequest:
     prefix = f"[{index}]." if index is not None else ""
-    sp = _resolve(event.servicePrincipalId, settings.default_service_principal_id, "servicePrincipalId",
-                  "DEFAULT_SERVICE_PRINCIPAL_ID", prefix)
-    job = _resolve(event.jobId, settings.default_job_id, "jobId", "DEFAULT_JOB_ID", prefix)
+    sp, job = _target(event, settings, prefix, names)
     if isinstance(event, CompactEvent):
-        pairs = [(event.ruleId, event.as_subject(), "ruleId")]
+        triples = [(event.ruleId, event.as_subject(), "ruleId", prefix.rstrip("."))]
     else:
-        pairs = [(p.ruleId, s, f"parameters[{i}].ruleId") for i, p in enumerate(event.parameters) for s in p.subjects]
+        triples = [(p.ruleId, s, f"parameters[{i}].ruleId", f"{prefix}parameters[{i}].subjects[{j}]")
+                   for i, p in enumerate(event.parameters) for j, s in enumerate(p.subjects)]
     accepted = AcceptedRequest(requestId=str(uuid.uuid4()), correlationId=event.correlationId,
                                priority=event.priority)
 
@@ -137,20 +168,22 @@ def plan(event: GraphBodyEvent | CompactEvent, settings: Settings, index: int | 
             return _resolve(rule, settings.default_rule_id, name, "DEFAULT_RULE_ID", prefix)
         return rules(sp, job, call, f"{prefix}{name}")
 
-    calls = [(rule_for(rule, call, name), call) for rule, subject, name in pairs for call in _subject_calls(subject)]
+    calls = [(rule_for(rule, call, name), call) for rule, subject, name, where in triples
+             for call in _subject_calls(subject, where or "(body)", names)]
     received_at = received_at or utcnow()
     accepted.items = [WorkItem(requestId=accepted.requestId, correlationId=event.correlationId,
                                servicePrincipalId=sp, jobId=job, ruleId=rule, subject=subject,
                                callIndex=i, callCount=len(calls), receivedAt=received_at,
-                               priority=event.priority)
+                               priority=event.priority, callbackUrl=event.callbackUrl)
                       for i, (rule, subject) in enumerate(calls)]
     return accepted
 
 
-def accept(text: str, settings: Settings, rules: RuleLookup | None = None) -> list[AcceptedRequest]:
+def accept(text: str, settings: Settings, rules: RuleLookup | None = None,
+           names: NameResolver | None = None) -> list[AcceptedRequest]:
     events = parse_body(text)
     bulk = len(events) > 1 or text.lstrip().startswith("[")
-    return [plan(e, settings, i if bulk else None, rules=rules) for i, e in enumerate(events)]
+    return [plan(e, settings, i if bulk else None, rules=rules, names=names) for i, e in enumerate(events)]
 
 
 def check_http_request(body: bytes, headers: Mapping[str, str], settings: Settings) -> str:

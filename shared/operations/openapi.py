@@ -17,6 +17,7 @@ from shared.models import (
     GUID_RE,
     JOB_ID_RE,
     LINKS_ALLOWED_ON,
+    NAME_PROPERTIES,
     OBJECT_ID_FORMS,
     RULE_ID_RE,
     CompactEvent,
@@ -87,6 +88,16 @@ def _keep_allowed_links(links_schema: dict[str, Any], props: dict[str, Any], typ
         props.pop("links", None)
 
 
+def _names_for(variant: dict[str, Any], type_name: str) -> None:
+    """Exactly one of objectId and the names that may stand for it (shared/intake/names.py)."""
+    allowed = NAME_PROPERTIES.get(type_name, ())
+    for props in NAME_PROPERTIES.values():
+        for prop in props:
+            if prop not in allowed:
+                variant["properties"].pop(prop, None)
+    variant["oneOf"] = [{"required": [p]} for p in ("objectId", *allowed)]
+
+
 def _split_by_type(schemas: dict[str, Any], name: str) -> None:
     """objectId's form depends on objectTypeName (a validator, invisible to JSON Schema): one
     variant per type makes the rule part of the contract, so a generated valid body is valid."""
@@ -98,6 +109,7 @@ def _split_by_type(schemas: dict[str, Any], name: str) -> None:
         props["objectTypeName"] = {"type": "string", "enum": [type_name]}
         props["objectId"] = dict(props["objectId"], pattern=pattern.pattern, description=form)
         _keep_allowed_links(schemas["Links"], props, type_name)
+        _names_for(variant, type_name)
         variant["title"] = f"{name} ({type_name})"
         key = f"{name}_{type_name}" if type_name != "user" else f"{name}_adUser"
         schemas[key] = variant
@@ -128,6 +140,16 @@ def _model_schemas() -> dict[str, Any]:
     }
     schemas["Event"] = {"anyOf": [{"$ref": REF.format(model="GraphBodyEvent")},
                                   {"$ref": REF.format(model="CompactEvent")}]}
+    schemas["CloudEvent"] = {
+        "type": "object", "required": ["specversion", "id", "source", "type", "data"],
+        "description": "CloudEvents 1.0 (structured mode); data is one request shape. source + id identify "
+                       "the event; type, subject, source and id travel into every result as `event`.",
+        "properties": {"specversion": {"type": "string", "enum": ["1.0"]},
+                       **{a: {"type": "string", "minLength": 1, "maxLength": 512} for a in ("id", "source", "type")},
+                       "subject": {"type": "string", "maxLength": 512},
+                       "datacontenttype": {"type": "string", "enum": ["application/json"]},
+                       "data": {"$ref": REF.format(model="Event")}},
+    }
     schemas["ProvisionRequest"] = {
         "description": "A Graph provisionOnDemand body, a compact event, or an array of them (all or nothing).",
         "anyOf": [{"$ref": REF.format(model="Event")},
@@ -182,20 +204,43 @@ def _static_spec(signature_header: str, timestamp_header: str) -> dict[str, Any]
                 "summary": "Queue provisionOnDemand calls",
                 "description": "Validates, splits into Graph calls and books their slots; never waits for Graph.",
                 "parameters": signature_params,
-                "requestBody": {"required": True,
-                                "content": {JSON: {"schema": {"$ref": REF.format(model="ProvisionRequest")}}}},
+                "requestBody": {"required": True, "content": {
+                    JSON: {"schema": {"$ref": REF.format(model="ProvisionRequest")}},
+                    # Binary mode (ce-* headers with a JSON body) is the JSON body above plus headers.
+                    "application/cloudevents+json": {"schema": {"$ref": REF.format(model="CloudEvent")}},
+                    "application/cloudevents-batch+json": {"schema": {
+                        "type": "array", "minItems": 1, "maxItems": MAX_ITEMS_PER_POST,
+                        "items": {"$ref": REF.format(model="CloudEvent")}}}}},
                 "responses": {
                     "202": {"description": "Accepted; results follow on the results queue",
                             "content": {JSON: {"schema": {"$ref": REF.format(model="Accepted")}}}},
                     "400": _error("Not JSON (InvalidJson) or not UTF-8 (InvalidEncoding)"),
                     "401": _error("No valid function key, or a missing/invalid webhook signature "
                                   "(SignatureMissing, SignatureInvalid, TimestampOutOfRange)"),
-                    "413": _error("Body over MAX_BODY_BYTES (PayloadTooLarge) or over 1000 events (TooManyItems)"),
+                    "413": _error("Body over MAX_BODY_BYTES (PayloadTooLarge), over 1000 events (TooManyItems), or "
+                                  "more than 100 names to look up (TooManyLookups)"),
                     "415": _error("Not JSON content (UnsupportedMediaType)"),
-                    "422": _error("A field is wrong or missing (ValidationFailed, EmptyRequest)"),
+                    "422": _error("A field is wrong or missing (ValidationFailed, EmptyRequest, InvalidCloudEvent), "
+                                  "a name matches no or several objects (NameNotFound, NameAmbiguous, "
+                                  "JobNotDetermined, NameLookupNotPermitted), or callbackUrl is refused "
+                                  "(CallbackUrlRefused)"),
                     "503": _error("The backlog would delay these calls more than MAX_EXPECTED_WAIT_HOURS "
-                                  "(BacklogTooLong), or the status table cannot be reached (StatusStoreUnavailable)",
-                                  RETRY_AFTER),
+                                  "(BacklogTooLong), the status table cannot be reached (StatusStoreUnavailable), "
+                                  "or Graph cannot resolve a name just now (DirectoryUnavailable)", RETRY_AFTER),
+                },
+            }, "options": {
+                "operationId": "CloudEventsHandshake",
+                "summary": "CloudEvents abuse-protection handshake (Azure Event Grid webhook validation)",
+                "parameters": [{"name": "WebHook-Request-Origin", "in": "header", "required": True,
+                                "schema": {"type": "string"}},
+                               {"name": "WebHook-Request-Rate", "in": "header", "required": False,
+                                "schema": {"type": "string"}}],
+                "responses": {
+                    "200": {"description": "Deliveries from that origin are welcome",
+                            "headers": {"WebHook-Allowed-Origin": {"schema": {"type": "string"}},
+                                        "WebHook-Allowed-Rate": {"schema": {"type": "string"}}}},
+                    "400": _error("WebHook-Request-Origin missing or not a DNS name (InvalidWebHookRequestOrigin)"),
+                    "401": _error("No valid function key"),
                 },
             }},
             "/api/provision/{requestId}": {"get": {

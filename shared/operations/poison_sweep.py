@@ -27,7 +27,10 @@ REASON = ("the Functions host gave up on this message after repeated failed runs
 def sweep(rt: Runtime) -> int:
     """Dead-letter what the host left on the poison queues; returns how many messages moved."""
     moved = 0
-    for queue, source in ((rt.settings.work_queue, "work"), (rt.settings.intake_queue, "intake")):
+    swept = [(rt.settings.work_queue, "work"), (rt.settings.intake_queue, "intake")]
+    if rt.settings.callback_hosts:  # a callback delivery that crashed five times (storage down, say)
+        swept.append((rt.settings.callback_queue, "callback"))
+    for queue, source in swept:
         client = rt.queues.get(f"{queue}-poison")
         for message in client.receive_messages(max_messages=BATCH, visibility_timeout=HOLD_SECONDS):
             _dead_letter(str(message.content), source, rt)

@@ -57,7 +57,7 @@ def must_park(for_logs: bool = False) -> bool:
 def parked_queues(rt: Runtime) -> dict[str, str]:
     """Parked queue name -> the queue its messages go back to, for what can be processed now."""
     s = rt.settings
-    sources = [s.intake_queue, s.work_queue] + ([s.logs_queue] if s.logs_enabled else [])
+    sources = [s.intake_queue, s.work_queue, s.callback_queue] + ([s.logs_queue] if s.logs_enabled else [])
     return {source + PARKED_SUFFIX: source for source in sources}
 
 

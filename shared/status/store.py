@@ -33,7 +33,6 @@ from azure.core import MatchConditions
 from azure.core.exceptions import AzureError, ResourceExistsError, ResourceNotFoundError
 from azure.data.tables import (
     TableClient,
-    TableServiceClient,
     TableTransactionError,
     UpdateMode,
 )
@@ -53,6 +52,7 @@ OPEN, REQUEST = "open", "request"
 # A leader and its followers finish in one transaction: at most 100 rows and 4 MiB, and a result
 # takes up to 60 KiB (RESULT_CHARS in UTF-16).
 MAX_FOLLOWERS = 30
+FOLLOWERS_CHARS = 24_000  # under a string property's 32 K characters, and well within a 64 KiB work message
 CALLS_PER_REQUEST_ROW = 400   # a string property holds 32 K characters
 RESULT_CHARS = 30_000
 ATTEMPTS = 5
@@ -107,17 +107,10 @@ class StatusStore:
 
     @classmethod
     def connect(cls, settings: Settings) -> "StatusStore":
-        from shared.queues import connection_string
+        from shared.queues import table_service
 
-        conn = connection_string(settings)
-        if conn:
-            service = TableServiceClient.from_connection_string(conn)
-        else:
-            from shared.graph.credentials import app_credential
-
-            service = TableServiceClient(settings.table_service_uri, credential=app_credential(settings.azure_client_id))
         # A follower may join a leader for as long as the leader may legitimately wait.
-        return cls(service.get_table_client(settings.status_table), settings.coalesce_requests,
+        return cls(table_service(settings).get_table_client(settings.status_table), settings.coalesce_requests,
                    settings.max_expected_wait_hours * 3600)
 
     def _ensure_table(self) -> None:
@@ -170,9 +163,11 @@ class StatusStore:
                 if self._take_over(item, group, row, followers):
                     return False
                 continue
-            if len(followers) >= MAX_FOLLOWERS:
-                break
             joined = [*followers, Follower(**item.model_dump(include=set(Follower.model_fields)))]
+            # Followers travel in the group row and in the leader's work message, both size-limited;
+            # a callbackUrl, CloudEvent or subject name makes one larger than its ids alone.
+            if len(joined) > MAX_FOLLOWERS or len(_followers_text(joined)) > FOLLOWERS_CHARS:
+                break
             try:
                 self.table.submit_transaction([
                     _merge({"PartitionKey": key, "RowKey": OPEN, "followers": _followers_text(joined)},

@@ -316,7 +316,7 @@ def test_served_description_is_openapi_30_with_operation_ids(hostile):
     assert spec["openapi"].startswith("3.0.")
     assert spec["servers"] == [{"url": hostile.hosts[0].url}]
     ids = [op["operationId"] for path in spec["paths"].values() for op in path.values()]
-    assert sorted(ids) == ["Health", "Provision", "RequestStatus"]
+    assert sorted(ids) == ["CloudEventsHandshake", "Health", "Provision", "RequestStatus"]
 
 
 @pytest.mark.parametrize("field,value", [("servicePrincipalId", "../" + SP), ("servicePrincipalId", SP + "%2F.."),

@@ -259,7 +259,7 @@ def test_every_queue_the_settings_name_is_created():
     created = set(resolve("allQueues", tree))
     values = deployed_settings()
     named = {values[n] for n in ("INTAKE_QUEUE", "WORK_QUEUE", "RESULTS_QUEUE", "DEADLETTER_QUEUE", "LEASE_QUEUE",
-                                 "LOGS_QUEUE")}
+                                 "LOGS_QUEUE", "CALLBACK_QUEUE")}
     assert named == created
     storage = tree["modules"]["storage"]["config"]["params"]
     assert storage["queueNames"] == "allQueues"
@@ -592,6 +592,9 @@ GRAPH_SP = "5e1bd10b-6f0a-4d9e-9f2a-0d3b8f1c2a11"
 SYNC_ROLE = "9492366f-7969-46a4-8d15-ed1a20078fff"
 OWNED_ROLE = "18a4783c-866b-4cc7-a460-3d5e5662c884"
 MI = "e7b2c4d8-1f3a-4b6c-8d9e-0a1b2c3d4e52"
+USER_READ_ROLE = "df021288-bdef-4463-88db-98f22de89214"
+GROUP_READ_ROLE = "5b567255-7703-4780-807c-7be8301ae99b"
+APP_READ_ROLE = "9a5d68dd-52b0-4cc2-bd40-abcf44ac3a30"
 TARGET = "c8c95753-f628-48e1-9fab-76c2d4cf624c"
 
 
@@ -605,9 +608,11 @@ def fake_az(tmp_path):
     state = tmp_path / "graph.json"
     state.write_text(json.dumps({"calls": [], "assignments": {}, "owners": {}, "graphSp": {
         "id": GRAPH_SP, "appRoles": [
-            {"id": "df021288-bdef-4463-88db-98f22de89214", "value": "User.Read.All", "allowedMemberTypes": ["Application"]},
+            {"id": USER_READ_ROLE, "value": "User.Read.All", "allowedMemberTypes": ["Application"]},
             {"id": SYNC_ROLE, "value": "Synchronization.ReadWrite.All", "allowedMemberTypes": ["Application"]},
             {"id": OWNED_ROLE, "value": "Application.ReadWrite.OwnedBy", "allowedMemberTypes": ["Application"]},
+            {"id": GROUP_READ_ROLE, "value": "Group.Read.All", "allowedMemberTypes": ["Application"]},
+            {"id": APP_READ_ROLE, "value": "Application.Read.All", "allowedMemberTypes": ["Application"]},
         ]}}))
 
     def run(*args: str, **env: str) -> tuple[subprocess.CompletedProcess, dict]:
@@ -664,6 +669,17 @@ def test_grant_script_asks_for_tokens_of_the_graph_root_it_calls(fake_az, cloud,
     assert result.returncode == 0, result.stderr
     assert len(posts(state)) == 2
     assert all(c[1].startswith(root + "/") and c[3] == root for c in state["calls"]), state["calls"]
+
+
+def test_grant_script_directory_read_adds_the_three_read_roles_once(fake_az):
+    first, state = fake_az("--principal-id", MI, "--directory-read")
+    assert first.returncode == 0, first.stderr
+    granted = {a["appRoleId"] for a in state["assignments"][MI]}
+    assert granted == {SYNC_ROLE, USER_READ_ROLE, GROUP_READ_ROLE, APP_READ_ROLE}
+    again, state = fake_az("--principal-id", MI, "--directory-read")
+    assert again.stdout.count("Skipped: ") == 4 and len(posts(state)) == 4
+    plain, state = fake_az("--principal-id", "a" + MI[1:])
+    assert "Read.All" not in plain.stdout
 
 
 def test_grant_script_takes_azd_outputs_cloud_and_dry_run(fake_az):

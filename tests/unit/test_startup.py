@@ -20,7 +20,7 @@ from shared.settings import Settings, get_settings, load_settings, settings_prob
 
 ROOT = Path(__file__).resolve().parents[2]
 HEAVY = ("azure.identity", "httpx", "azure.storage.queue", "azure.data.tables", "azure.monitor.ingestion")
-ALL_FUNCTIONS = {"provision", "provision_status", "intake_queue", "provision_worker", "log_analytics_upload",
+ALL_FUNCTIONS = {"provision", "provision_handshake", "callback_delivery", "provision_status", "intake_queue", "provision_worker", "log_analytics_upload",
                  "lease_upkeep", "openapi_description", "health", "health_deep"}
 APP_ID = "0f8fad5b-d9cb-469f-a165-70867728950e"
 OTHER_APP = "7c9e6679-7425-40de-944b-e07fc1f90ae7"
@@ -146,8 +146,9 @@ def test_log_rows_are_parked_while_the_sink_is_off(env):
     assert readiness.must_park(for_logs=True) and not readiness.must_park()
 
 
-@pytest.mark.parametrize("sink, returned", [("queue", {"provision-requests", "provision-work"}),
-                                            ("both", {"provision-requests", "provision-work", "provision-logs"})])
+@pytest.mark.parametrize("sink, returned", [
+    ("queue", {"provision-requests", "provision-work", "provision-callbacks"}),
+    ("both", {"provision-requests", "provision-work", "provision-callbacks", "provision-logs"})])
 def test_upkeep_returns_log_rows_only_to_a_sink_that_takes_them(env, sink, returned):
     env()
     logs = {} if sink == "queue" else {"LOGS_INGESTION_ENDPOINT": "https://dce.example.ingest.monitor.azure.com",
