@@ -9,6 +9,7 @@ from datetime import datetime
 
 import httpx
 import pytest
+from azure.core.exceptions import ResourceExistsError
 from azure.data.tables import TableClient
 from azure.storage.queue import QueueClient
 
@@ -290,13 +291,15 @@ def test_poisoned_work_is_dead_lettered_with_a_result_and_a_final_status(st):
     poisoned = item(user())
     rt.status.admit([poisoned])
     rt.status.record_requests([(poisoned.requestId, None, "normal", [poisoned])])
-    QueueClient.from_connection_string(st.connection, f"{st.queues['WORK_QUEUE']}-poison").send_message(
-        poisoned.model_dump_json())
-    intake_poison = QueueClient.from_connection_string(st.connection, f"{st.queues['INTAKE_QUEUE']}-poison")
-    try:
-        intake_poison.create_queue()
-    except Exception:
-        pass
+    # The host creates a -poison queue when it first poisons a message; here we play the host.
+    work_poison, intake_poison = (QueueClient.from_connection_string(st.connection, f"{st.queues[name]}-poison")
+                                  for name in ("WORK_QUEUE", "INTAKE_QUEUE"))
+    for queue in (work_poison, intake_poison):
+        try:
+            queue.create_queue()
+        except ResourceExistsError:
+            pass
+    work_poison.send_message(poisoned.model_dump_json())
     intake_poison.send_message('{"objectId": "lost", "objectTypeName": "User"}')
     assert poison.sweep(rt) == 2
     letters = st.deadletters.wait_for(lambda m: m["reason"]["code"] == "RepeatedFailure", count=2, timeout=10)
