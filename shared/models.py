@@ -246,6 +246,9 @@ class GraphKeyValue(BaseModel):
 
     key: str | None = None
     value: str | None = None
+    # Set by the client, never by Graph: a 200 whose body was not this envelope, and why.
+    body: str | None = Field(None, exclude=True)
+    problem: str | None = Field(None, exclude=True)
 
 
 class Step(BaseModel):
@@ -294,6 +297,7 @@ class Outcome(BaseModel):
     modifiedProperties: list[ModifiedProperty] = Field(default_factory=list)
     rawKey: str | None = None
     rawValue: str | None = None
+    rawBody: str | None = None  # Graph's whole 200 answer, when it was not the {key, value} envelope
 
 
 class JobStatus(BaseModel):

@@ -66,6 +66,10 @@ def _one_of(model: type, item: Any) -> Any:
 
 
 def decode(answer: GraphKeyValue) -> Outcome:
+    if answer.problem is not None:
+        # Graph acted (it answered 200) but its answer cannot be read: say so, keep what came.
+        return Outcome(result=UNKNOWN_RESULT, errorCode="UnreadableGraphAnswer",
+                       errorMessage=f"Graph answered 200 with {answer.problem}", rawBody=answer.body)
     key = _loads_object(answer.key)
     value = _loads_object(answer.value) or {}
     details = key.get("details") if key and isinstance(key.get("details"), dict) else {}
