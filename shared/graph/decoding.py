@@ -65,6 +65,13 @@ def _one_of(model: type, item: Any) -> Any:
         return None
 
 
+def _result_fields(key: dict[str, Any] | None, status_info: dict[str, Any]) -> dict[str, str | None]:
+    details = key.get("details") if key and isinstance(key.get("details"), dict) else {}
+    return {"result": (_text(key.get("result")) if key else None) or UNKNOWN_RESULT,
+            "errorCode": _text(details.get("errorCode")) or _text(status_info.get("errorCode")),
+            "errorMessage": _text(details.get("errorMessage")) or _text(status_info.get("reason"))}
+
+
 def decode(answer: GraphKeyValue) -> Outcome:
     if answer.problem is not None:
         # Graph acted (it answered 200) but its answer cannot be read: say so, keep what came.
@@ -72,14 +79,9 @@ def decode(answer: GraphKeyValue) -> Outcome:
                        errorMessage=f"Graph answered 200 with {answer.problem}", rawBody=answer.body)
     key = _loads_object(answer.key)
     value = _loads_object(answer.value) or {}
-    details = key.get("details") if key and isinstance(key.get("details"), dict) else {}
-
-    result = _text(key.get("result")) if key else None
     status_info = value.get("statusInfo") if isinstance(value.get("statusInfo"), dict) else None
     return Outcome(
-        result=result or UNKNOWN_RESULT,
-        errorCode=_text(details.get("errorCode")) or _text((status_info or {}).get("errorCode")),
-        errorMessage=_text(details.get("errorMessage")) or _text((status_info or {}).get("reason")),
+        **_result_fields(key, status_info or {}),
         action=_text(value.get("action")),
         changeId=_text(value.get("changeId")),
         reportableIdentifier=_text(value.get("reportableIdentifier")),
