@@ -331,7 +331,8 @@ class ResultMessage(Outcome):
     attempts: int
     receivedAt: datetime
     completedAt: datetime
-    truncated: bool = False
+    truncated: bool = False  # cut to fit a queue message or table row; truncatedFields says what
+    truncatedFields: list[str] = Field(default_factory=list)
     priority: Priority = "normal"
     callsSaved: int = 0  # other requests this call served (coalescing): Graph calls not made
     servedBy: str | None = None  # the resultId of the call that served this request, when coalesced
@@ -351,6 +352,7 @@ class DeadLetter(BaseModel):
     source: str
     original: str
     originalTruncated: bool = False
+    truncatedFields: list[str] = Field(default_factory=list)  # what was cut to fit a queue message
     requestId: str | None = None
     attempts: int | None = None
     deadLetteredAt: datetime = Field(default_factory=utcnow)

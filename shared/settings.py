@@ -95,6 +95,8 @@ class Settings(BaseSettings):
     retry_max_seconds: float = Field(900.0, alias="RETRY_MAX_SECONDS", gt=0)
     max_expected_wait_hours: float = Field(72.0, alias="MAX_EXPECTED_WAIT_HOURS", gt=0, le=167)
     max_body_bytes: int = Field(262144, alias="MAX_BODY_BYTES", ge=1024)
+    # Graph calls one post may become, group splits counted (shared/intake/validation.py).
+    max_calls_per_post: int = Field(1000, alias="MAX_CALLS_PER_POST", ge=1, le=100000)
 
     # Optional webhook signatures (shared/intake/signatures.py): off while the secret is empty.
     webhook_hmac_secret: str | None = Field(None, alias="WEBHOOK_HMAC_SECRET", repr=False)
