@@ -2,6 +2,7 @@
 import json
 import re
 from typing import List
+from urllib.parse import urlsplit
 
 import azure.functions as func
 
@@ -26,7 +27,8 @@ def _reply(reply: handlers.HttpReply) -> func.HttpResponse:
 @app.route(route="provision", methods=["POST"])
 @app.queue_output(arg_name="work", queue_name="%WORK_QUEUE%", connection="AzureWebJobsStorage")
 def provision(req: func.HttpRequest, work: func.Out[List[str]]) -> func.HttpResponse:
-    reply = handlers.provision_http(req.get_body(), dict(req.headers), runtime(), params=dict(req.params))
+    reply = handlers.provision_http(req.get_body(), dict(req.headers), runtime(), params=dict(req.params),
+                                    method=req.method, path=urlsplit(req.url).path)
     if reply.work:
         work.set(reply.work)
     return _reply(reply)

@@ -8,6 +8,7 @@ from typing import Callable, TypeVar
 
 from shared.graph.client import GraphClient
 from shared.graph.credentials import app_credential
+from shared.intake.idempotency import AnswerBook
 from shared.models import WorkItem
 from shared.queues import Queues, service_client
 from shared.ratelimit.slot_timeline import Schedule
@@ -27,6 +28,7 @@ class Runtime:
     graph: GraphClient
     sinks: list[ResultSink]
     status: StatusStore
+    answers: AnswerBook  # Idempotency-Keys and seen webhook signatures
     _gates: dict[str, RateGate] = field(default_factory=dict)
     _schedules: dict[str, Schedule] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -59,7 +61,7 @@ def build_runtime(settings: Settings) -> Runtime:
     queues = Queues(service_client(settings))
     graph = GraphClient(settings, app_credential(settings.azure_client_id))
     return Runtime(settings=settings, queues=queues, graph=graph, sinks=result_sinks(settings, queues),
-                   status=StatusStore.connect(settings))
+                   status=StatusStore.connect(settings), answers=AnswerBook.connect(settings))
 
 
 @lru_cache(maxsize=1)

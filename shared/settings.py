@@ -79,6 +79,9 @@ class Settings(BaseSettings):
     # Request status and coalescing (shared/status/store.py): one table, letters and digits only.
     status_table: str = Field("provisionstatus", alias="STATUS_TABLE", pattern=r"^[A-Za-z][A-Za-z0-9]{2,62}$")
     coalesce_requests: bool = Field(True, alias="COALESCE_REQUESTS")
+    # Idempotency keys and seen webhook signatures (shared/intake/idempotency.py), beside STATUS_TABLE.
+    idempotency_table: str = Field("provisionkeys", alias="IDEMPOTENCY_TABLE", pattern=r"^[A-Za-z][A-Za-z0-9]{2,62}$")
+    idempotency_retention_hours: float = Field(24.0, alias="IDEMPOTENCY_RETENTION_HOURS", gt=0, le=720)
     # The most of the rate high-priority calls may take while normal calls wait (shared/ratelimit/slot_timeline.py).
     high_priority_share: float = Field(0.8, alias="HIGH_PRIORITY_SHARE", gt=0, le=0.95)
 
