@@ -61,6 +61,8 @@ param retryBaseSeconds string = ''
 param retryMaxSeconds string = ''
 param maxExpectedWaitHours string = ''
 param maxBodyBytes string = ''
+param maxCallsPerPost string = ''
+param idempotencyRetentionHours string = ''
 param webhookSignatureHeader string = ''
 param webhookTimestampHeader string = ''
 param webhookToleranceSeconds string = ''
@@ -84,6 +86,8 @@ param highPriorityShare string = ''
 param coalesceRequests string = 'true'
 @description('The table that holds request status (letters and digits).')
 param statusTable string = 'provisionstatus'
+@description('The table of Idempotency-Key answers and seen webhook signatures (letters and digits).')
+param idempotencyTable string = 'provisionkeys'
 
 @description('Start a quarantined job (never a paused one) when a call finds it so, at most once per cooldown.')
 @allowed(['true', 'false'])
@@ -158,7 +162,7 @@ module storage 'modules/storage.bicep' = {
     tags: tags
     queueNames: allQueues
     containerNames: containerNames
-    tableNames: [statusTable]
+    tableNames: [statusTable, idempotencyTable]
   }
 }
 
@@ -216,6 +220,8 @@ var appSettings = {
   LEASE_QUEUE: queueNames.lease
   STATUS_TABLE: statusTable
   COALESCE_REQUESTS: coalesceRequests
+  IDEMPOTENCY_TABLE: idempotencyTable
+  IDEMPOTENCY_RETENTION_HOURS: idempotencyRetentionHours
   HIGH_PRIORITY_SHARE: highPriorityShare
 
   RATE_LIMIT_CALLS: string(rateLimitCalls)
@@ -231,6 +237,7 @@ var appSettings = {
   RETRY_MAX_SECONDS: retryMaxSeconds
   MAX_EXPECTED_WAIT_HOURS: maxExpectedWaitHours
   MAX_BODY_BYTES: maxBodyBytes
+  MAX_CALLS_PER_POST: maxCallsPerPost
 
   RULE_CACHE_SECONDS: ruleCacheSeconds
   AUTO_START_QUARANTINED_JOB: autoStartQuarantinedJob

@@ -8,7 +8,11 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import re
+import shutil
+import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -160,3 +164,21 @@ def test_a_signature_table_outage_refuses_nothing_silently():
     table.outage = True
     with pytest.raises(KeyStoreUnavailable):
         check(headers_for(), seen=AnswerBook(table, 3600))
+
+
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "security.md"
+
+
+def test_the_python_sample_in_the_docs_signs_as_the_app_verifies():
+    namespace: dict = {}
+    exec(re.search(r"```python\n(.*?)```", DOCS.read_text(), re.S).group(1), namespace)
+    headers = namespace["sign"](SECRET, BODY, params={"dryRun": "true", "code": "function-key"})
+    check(headers, params={"dryRun": "true", "code": "function-key"})
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is not installed")
+def test_the_shell_sample_in_the_docs_signs_as_the_app_verifies():
+    recipe = re.search(r"sig=\$\((printf .*?) \| openssl", DOCS.read_text()).group(1)
+    script = f"ts=1700000000; body='{BODY.decode()}'; {recipe} | openssl dgst -sha256 -hmac '{SECRET}' -r | cut -d' ' -f1"
+    mac = subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=True).stdout.strip()
+    assert f"sha256={mac}" == sign(SECRET, 1700000000, BODY)
