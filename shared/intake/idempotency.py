@@ -28,11 +28,12 @@ from azure.core.exceptions import (
     ResourceModifiedError,
     ResourceNotFoundError,
 )
-from azure.data.tables import TableClient, TableServiceClient, UpdateMode
+from azure.data.tables import TableClient, UpdateMode
 from pydantic import BaseModel
 
 from shared.errors import KeyStoreUnavailable, RequestRejected
 from shared.settings import Settings
+from shared.tables import table_service
 
 # Regardless of the function timeout, an HTTP-triggered function has 230 s to answer
 # (https://learn.microsoft.com/azure/azure-functions/functions-scale#timeout): a claim older than
@@ -123,16 +124,8 @@ class AnswerBook:
 
     @classmethod
     def connect(cls, settings: Settings) -> "AnswerBook":
-        from shared.queues import connection_string
-
-        conn = connection_string(settings)
-        if conn:
-            service = TableServiceClient.from_connection_string(conn)
-        else:
-            from shared.graph.credentials import app_credential
-
-            service = TableServiceClient(settings.table_service_uri, credential=app_credential(settings.azure_client_id))
-        return cls(service.get_table_client(settings.idempotency_table), settings.idempotency_retention_hours * 3600)
+        return cls(table_service(settings).get_table_client(settings.idempotency_table),
+                   settings.idempotency_retention_hours * 3600)
 
     def recall(self, key: str, scope: str, payload_hash: str) -> Recalled:
         """Claim the key for this payload, or say what it already stands for. Raises

@@ -33,7 +33,6 @@ from azure.core import MatchConditions
 from azure.core.exceptions import AzureError, ResourceExistsError, ResourceNotFoundError
 from azure.data.tables import (
     TableClient,
-    TableServiceClient,
     TableTransactionError,
     UpdateMode,
 )
@@ -42,6 +41,7 @@ from shared.errors import StatusStoreUnavailable
 from shared.models import CallStatus, Follower, RequestStatus, ResultMessage, WorkItem
 from shared.results.sinks import fit_for_queue
 from shared.settings import Settings
+from shared.tables import table_service
 
 log = logging.getLogger(__name__)
 
@@ -105,15 +105,7 @@ class StatusStore:
 
     @classmethod
     def connect(cls, settings: Settings) -> "StatusStore":
-        from shared.queues import connection_string
-
-        conn = connection_string(settings)
-        if conn:
-            service = TableServiceClient.from_connection_string(conn)
-        else:
-            from shared.graph.credentials import app_credential
-
-            service = TableServiceClient(settings.table_service_uri, credential=app_credential(settings.azure_client_id))
+        service = table_service(settings)
         # A follower may join a leader for as long as the leader may legitimately wait.
         return cls(service.get_table_client(settings.status_table), settings.coalesce_requests,
                    settings.max_expected_wait_hours * 3600)
