@@ -29,6 +29,5 @@ def dead_letter_for(reason: RequestRejected | ErrorInfo, source: str, original: 
                                                    {"field": "(more)", "message": f"{more} more problem(s) not shown"}]})
     letter = DeadLetter(reason=info, source=source, original=original, **extra)
     text, cut = fit(letter, limit, keep=DEAD_LETTER_KEEP, marker="truncatedFields")
-    if not cut:
-        return letter
+    # Rebuilt from the text even when nothing was cut: the text is what a queue accepts.
     return DeadLetter.model_validate_json(text).model_copy(update={"originalTruncated": "original" in cut})

@@ -21,7 +21,14 @@ SMALL = 64
 
 
 def size(value: Any) -> int:
-    return len(json.dumps(value, ensure_ascii=False, default=str).encode("utf-8"))
+    # A lone surrogate (JSON may escape one: "\ud800") counts its three bytes here, more than the
+    # "?" that _text() writes for it.
+    return len(json.dumps(value, ensure_ascii=False, default=str).encode("utf-8", "surrogatepass"))
+
+
+def _text(document: dict[str, Any]) -> str:
+    """The JSON text, valid UTF-8: lone surrogates, which no store accepts, become "?"."""
+    return json.dumps(document, ensure_ascii=False, default=str).encode("utf-8", "replace").decode("utf-8")
 
 
 def _cut_text(text: str, excess: int) -> str:
@@ -95,10 +102,10 @@ def fit(model: BaseModel, limit: int, keep: frozenset[str] = frozenset(), marker
     anything was cut, the `marker` field lists what and the boolean `flag` field is set true."""
     document = model.model_dump(mode="json", exclude_none=True)
     if size(document) <= limit:
-        return json.dumps(document, ensure_ascii=False), []
+        return _text(document), []
     if marker:
         document.pop(marker, None)
     if flag:
         document[flag] = True
     trimmed, cut = fit_document(document, limit, keep, marker)
-    return json.dumps(trimmed, ensure_ascii=False), cut
+    return _text(trimmed), cut

@@ -154,6 +154,16 @@ def test_any_refused_body_within_the_body_limit_dead_letters_within_a_queue_mess
     assert text.startswith(again.original) and again.originalTruncated == (again.original != text)
 
 
+def test_a_lone_surrogate_escaped_in_json_never_breaks_a_write():
+    # JSON may escape half a surrogate pair ("\ud800"): Python reads it, but no UTF-8 store takes it.
+    lone = json.loads('"x\\ud800y"')
+    text = fit_for_queue(result(rawBody=lone * 30_000, steps=[Step(name=lone)]), limit=RESULT_CHARS)
+    assert utf8(text) <= RESULT_CHARS and ResultMessage.model_validate_json(text).steps[0].name == "x?y"
+    body = '{"objectTypeName": "User", "objectId": "%s", "\\ud800": 1}' % USER
+    letter = dead_letter_for(refusal_of(body), "intake", json.loads(json.dumps(body)))
+    assert utf8(letter.model_dump_json()) <= DEAD_LETTER_LIMIT
+
+
 # -- a post's calls are bounded (MAX_CALLS_PER_POST) -------------------------------------------------
 def group(members: int) -> dict:
     return {"objectTypeName": "Group", "objectId": USER,
