@@ -192,3 +192,4 @@ def work_message(raw: bytes | str, rt: Runtime) -> None:
 def lease_upkeep(rt: Runtime) -> None:
     rt.gate_for().ensure_pool()
     poison.sweep(rt)
+    rt.answers.sweep()

@@ -78,6 +78,22 @@ class MemoryTable:
             row = self._current(key, etag, match_condition)
             return self._store(key, {**row, **entity} if mode == UpdateMode.MERGE else entity)
 
+    def query_entities(self, query_filter: str, parameters: dict[str, Any] | None = None,
+                       select: list[str] | None = None) -> list[TableEntity]:
+        """Only the form `<property> lt @<name>` (what the sweep asks); anything else is a test error."""
+        self._check()
+        prop, op, name = query_filter.split()
+        assert op == "lt" and name.startswith("@"), f"MemoryTable cannot run {query_filter!r}"
+        bound = (parameters or {})[name[1:]]
+        with self._lock:
+            found = [(row, etag) for row, etag in self.rows.values() if prop in row and row[prop] < bound]
+        entities = []
+        for row, etag in found:
+            entity = TableEntity(**{k: v for k, v in row.items() if select is None or k in select})
+            entity._metadata = {"etag": etag, "timestamp": None}
+            entities.append(entity)
+        return entities
+
     def delete_entity(self, partition_key: str, row_key: str, etag: str | None = None,
                       match_condition: Any = None) -> None:
         self._check()

@@ -10,12 +10,14 @@ One row per (scope, key) in IDEMPOTENCY_TABLE, on the status table's storage acc
 use inserts the row ("pending"); a concurrent first use meets the table's 409 and loses, so exactly
 one wins. The winner remembers its answer in the row; a loser, or a later retry, recalls it. A key
 is forgotten when the winner could not act (the caller may try again), and expires after its
-retention. Azure Tables have no TTL: expired rows are taken over by the next use of their key.
+retention. Azure Tables have no TTL: expired rows are taken over by the next use of their key,
+and the upkeep timer deletes the others (`sweep`), at most once an hour per instance.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 import time
 from dataclasses import dataclass
@@ -35,6 +37,8 @@ from shared.errors import KeyStoreUnavailable, RequestRejected
 from shared.settings import Settings
 from shared.tables import table_service
 
+log = logging.getLogger(__name__)
+
 # Regardless of the function timeout, an HTTP-triggered function has 230 s to answer
 # (https://learn.microsoft.com/azure/azure-functions/functions-scale#timeout): a claim older than
 # that belongs to an attempt whose caller has given up on it, and may be taken over.
@@ -43,6 +47,8 @@ PENDING_SECONDS = 240.0
 PART_CHARS = 30_000
 MAX_PARTS = 20   # 600 000 characters: a 202 for 1000 requests is about 150 000
 KEY_RE = re.compile(r"^[\x20-\x7e]{1,255}$")
+SWEEP_EVERY_SECONDS = 3600.0
+SWEEP_BATCH = 1000  # rows deleted per sweep at most: a timer run stays short, the next one goes on
 SHARED_SCOPE = "(shared)"
 
 State = Literal["new", "replay", "mismatch", "in-progress"]
@@ -121,6 +127,7 @@ class AnswerBook:
         self.retention = retention_seconds
         self.clock = clock
         self._created = False
+        self._swept_at: float | None = None
 
     @classmethod
     def connect(cls, settings: Settings) -> "AnswerBook":
@@ -199,6 +206,36 @@ class AnswerBook:
                                      match_condition=MatchConditions.IfNotModified)
         except AzureError:
             pass
+
+    def sweep(self) -> int:
+        """Delete rows past their expiry (at most SWEEP_BATCH), when the last sweep of this
+        process is SWEEP_EVERY_SECONDS old; returns how many went. Expiry is not a key, so this
+        reads the whole table: hourly, not on every timer run. Each delete is conditional on the
+        row's etag, so a key claimed again meanwhile is kept."""
+        now = self.clock()
+        if self._swept_at is not None and now - self._swept_at < SWEEP_EVERY_SECONDS:
+            return 0
+        self._swept_at = now
+        deleted = 0
+        try:
+            self._ensure_table()
+            expired = self.table.query_entities("expiresAt lt @now", parameters={"now": now},
+                                                select=["PartitionKey", "RowKey"])
+            for row in expired:
+                if deleted >= SWEEP_BATCH:
+                    break
+                deleted += self._delete_unchanged(row)
+        except AzureError as exc:
+            log.warning("expired keys not swept: %s", type(exc).__name__)
+        return deleted
+
+    def _delete_unchanged(self, row: Any) -> int:
+        try:
+            self.table.delete_entity(row["PartitionKey"], row["RowKey"], etag=row.metadata["etag"],
+                                     match_condition=MatchConditions.IfNotModified)
+        except ResourceModifiedError:
+            return 0  # claimed again since the query: no longer expired
+        return 1
 
     def _ensure_table(self) -> None:
         if self._created:

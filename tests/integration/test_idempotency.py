@@ -13,6 +13,7 @@ import pytest
 
 from scripts.local_stack import EXAMPLE_JOB, EXAMPLE_RULE, EXAMPLE_SP
 from shared import handlers
+from shared.intake.idempotency import Answer, AnswerBook
 from shared.intake.signatures import sign
 from shared.runtime import build_runtime
 from shared.settings import Settings
@@ -154,3 +155,23 @@ def test_over_http_the_retry_is_answered_from_memory_and_graph_is_called_once(ho
     # A second call would have been queued by the second post, before this result was written.
     assert host.queue("WORK_QUEUE").peek_messages(max_messages=32) == []
     assert len([c for c in host.sims.graph.calls() if subject in json.dumps(c)]) == 1
+
+
+def test_the_sweep_deletes_expired_rows_on_the_real_table_service(rt):
+    clock = [time.time()]
+    answers = AnswerBook(rt.answers.table, retention_seconds=60, clock=lambda: clock[0])
+    answers.remember(answers.recall("a", "(shared)", "h"), Answer(status=202, body={"x": 1}))
+    assert answers.claim_once("sig", "webhook-signature", 600) is not None
+    clock[0] += 61
+    assert answers.sweep() == 1                              # the key; the signature lives 600 s
+    assert [r["state"] for r in rt.answers.table.list_entities()] == ["done"]
+    assert answers.recall("a", "(shared)", "other").state == "new"
+
+
+def test_the_upkeep_timer_runs_the_sweep(rt):
+    clock = [time.time()]
+    rt.answers = AnswerBook(rt.answers.table, retention_seconds=60, clock=lambda: clock[0])
+    rt.answers.remember(rt.answers.recall("a", "(shared)", "h"), Answer(status=202, body={"x": 1}))
+    clock[0] += 61
+    handlers.lease_upkeep(rt)
+    assert list(rt.answers.table.list_entities()) == []

@@ -8,7 +8,14 @@ import threading
 import pytest
 
 from shared.errors import KeyStoreUnavailable, RequestRejected
-from shared.intake.idempotency import PENDING_SECONDS, Answer, AnswerBook, body_hash, idempotency_key
+from shared.intake.idempotency import (
+    PENDING_SECONDS,
+    SWEEP_EVERY_SECONDS,
+    Answer,
+    AnswerBook,
+    body_hash,
+    idempotency_key,
+)
 from tests.memory_table import MemoryTable
 
 HOUR = 3600.0
@@ -145,3 +152,41 @@ def test_the_payload_hash_ignores_formatting_not_content():
     assert body_hash(json.dumps(event)) == body_hash(json.dumps(event, indent=2, sort_keys=True))
     assert body_hash(json.dumps(event)) != body_hash(json.dumps({**event, "members": ["b", "a"]}))
     assert body_hash("{not json") != body_hash("{not json ")
+
+
+def test_the_sweep_deletes_expired_keys_hourly_and_keeps_live_or_reclaimed_ones():
+    clock, table = Clock(), MemoryTable()
+    answers = book(clock, table)
+    answers.remember(answers.recall("old", "(shared)", "h"), ANSWER)
+    clock.now += 12 * HOUR
+    answers.remember(answers.recall("young", "(shared)", "h"), ANSWER)
+    assert answers.claim_once("sig", "webhook-signature", 600) is not None
+    clock.now += 12 * HOUR + 1                   # "old" and the signature have expired, "young" has not
+    assert answers.sweep() == 2 and len(table.rows) == 1
+    assert answers.recall("young", "(shared)", "h").state == "replay"
+    clock.now += 30 * HOUR - 1                  # "young" has expired now too...
+    answers._swept_at = clock.now - SWEEP_EVERY_SECONDS + 1
+    assert answers.sweep() == 0                 # ...but this process swept less than an hour ago
+    clock.now += 1
+    assert answers.sweep() == 1 and table.rows == {}
+
+
+def test_a_key_claimed_again_between_the_sweeps_query_and_its_delete_is_kept():
+    clock, table = Clock(), MemoryTable()
+    answers = book(clock, table)
+    answers.remember(answers.recall("k", "(shared)", "h"), ANSWER)
+    clock.now += 25 * HOUR
+    query = table.query_entities
+
+    def racing_query(*args, **kwargs):
+        rows = query(*args, **kwargs)
+        answers.recall("k", "(shared)", "new-body")  # takes the expired row over: new etag
+        return rows
+    table.query_entities = racing_query
+    assert answers.sweep() == 0 and answers.recall("k", "(shared)", "new-body").state == "in-progress"
+
+
+def test_a_sweep_during_an_outage_does_not_raise():
+    table = MemoryTable()
+    table.outage = True
+    assert book(table=table).sweep() == 0
