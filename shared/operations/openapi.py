@@ -151,11 +151,16 @@ def _error(description: str, headers: dict[str, Any] | None = None) -> dict[str,
 def _static_spec(signature_header: str, timestamp_header: str) -> dict[str, Any]:
     signature_params = [
         {"name": signature_header, "in": "header", "required": False,
-         "description": "Only when WEBHOOK_HMAC_SECRET is set: sha256=<hex HMAC-SHA256(secret, timestamp + '.' + body)>",
+         "description": "Only when WEBHOOK_HMAC_SECRET is set: sha256=<hex HMAC-SHA256(secret, timestamp LF METHOD "
+                        "LF path LF canonical query LF body)>, see docs/security.md",
          "schema": {"type": "string"}},
         {"name": timestamp_header, "in": "header", "required": False,
          "description": "Only when WEBHOOK_HMAC_SECRET is set: the signing time, whole epoch seconds",
          "schema": {"type": "string", "pattern": "^[0-9]{1,12}$"}},
+        {"name": "Idempotency-Key", "in": "header", "required": False,
+         "description": "Your key for this request (IETF httpapi draft): a retry with the same key and body gets "
+                        "the first 202 again (Idempotent-Replayed: true) and queues nothing",
+         "schema": {"type": "string", "minLength": 1, "maxLength": 257}},
     ]
     return {
         "openapi": "3.0.3",
@@ -172,16 +177,25 @@ def _static_spec(signature_header: str, timestamp_header: str) -> dict[str, Any]
                                 "content": {JSON: {"schema": {"$ref": REF.format(model="ProvisionRequest")}}}},
                 "responses": {
                     "202": {"description": "Accepted; results follow on the results queue",
+                            "headers": {"Idempotent-Replayed": {
+                                "description": "true when this is the remembered answer to an earlier request "
+                                               "with the same Idempotency-Key", "schema": {"type": "string"}}},
                             "content": {JSON: {"schema": {"$ref": REF.format(model="Accepted")}}}},
-                    "400": _error("Not JSON (InvalidJson) or not UTF-8 (InvalidEncoding)"),
-                    "401": _error("No valid function key, or a missing/invalid webhook signature "
-                                  "(SignatureMissing, SignatureInvalid, TimestampOutOfRange)"),
-                    "413": _error("Body over MAX_BODY_BYTES (PayloadTooLarge) or over 1000 events (TooManyItems)"),
+                    "400": _error("Not JSON (InvalidJson), not UTF-8 (InvalidEncoding), or a malformed "
+                                  "Idempotency-Key (InvalidIdempotencyKey)"),
+                    "401": _error("No valid function key, or a missing/invalid/replayed webhook signature "
+                                  "(SignatureMissing, SignatureInvalid, SignatureVersionUnsupported, "
+                                  "SignatureReplayed, TimestampOutOfRange)"),
+                    "409": _error("A request with this Idempotency-Key is still being accepted "
+                                  "(IdempotencyKeyInProgress)", RETRY_AFTER),
+                    "413": _error("Body over MAX_BODY_BYTES (PayloadTooLarge), over 1000 events (TooManyItems) or "
+                                  "over MAX_CALLS_PER_POST Graph calls (TooManyCalls)"),
                     "415": _error("Not JSON content (UnsupportedMediaType)"),
-                    "422": _error("A field is wrong or missing (ValidationFailed, EmptyRequest)"),
+                    "422": _error("A field is wrong or missing (ValidationFailed, EmptyRequest), or the "
+                                  "Idempotency-Key was used with another body (IdempotencyKeyReused)"),
                     "503": _error("The backlog would delay these calls more than MAX_EXPECTED_WAIT_HOURS "
-                                  "(BacklogTooLong), or the status table cannot be reached (StatusStoreUnavailable)",
-                                  RETRY_AFTER),
+                                  "(BacklogTooLong), or the status table or the key table cannot be reached "
+                                  "(StatusStoreUnavailable, KeyStoreUnavailable)", RETRY_AFTER),
                 },
             }},
             "/api/provision/{requestId}": {"get": {

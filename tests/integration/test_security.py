@@ -115,7 +115,7 @@ def test_the_description_is_valid_openapi_30():
     operations = [op for path in spec["paths"].values() for op in path.values()]
     assert all(op.get("operationId") for op in operations)
     provision = spec["paths"]["/api/provision"]["post"]["responses"]
-    assert sorted(provision) == ["202", "400", "401", "413", "415", "422", "503"]
+    assert sorted(provision) == ["202", "400", "401", "409", "413", "415", "422", "503"]
     for status, response in provision.items():
         if status != "202":
             assert response["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorBody")
