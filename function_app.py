@@ -1,34 +1,43 @@
-"""Azure Functions bindings only: each function hands off to shared/, which knows nothing of the host."""
+"""Azure Functions bindings only: each function hands off to shared/, which knows nothing of the host.
+
+Nothing from shared/ is imported here at module level, and nothing reads the settings: the host
+indexes the functions from this import, so it must be fast (cold start, scripts/cold_start.py)
+and must succeed whatever the settings say. A failed import loads no function at all: every route
+answers 404 and no queue is processed (azure-functions-host#9679). With invalid settings the HTTP
+routes answer 503 naming them and the queue functions park their messages
+(shared/operations/readiness.py)."""
 import json
 import re
-from typing import List
+from typing import TYPE_CHECKING, List
 from urllib.parse import urlsplit
 
 import azure.functions as func
 
-from shared import handlers
-from shared.operations import openapi, preflight
-from shared.results import log_analytics
-from shared.runtime import runtime
-from shared.settings import get_settings
-
-# Fail at start-up, with a message naming the setting, rather than on the first event.
-settings = get_settings()
+if TYPE_CHECKING:
+    from shared.replies import HttpReply
 
 app = func.FunctionApp(http_auth_level=func.AuthLevel.FUNCTION)
 JSON = "application/json"
+CONNECTION = "AzureWebJobsStorage"
 
 
-def _reply(reply: handlers.HttpReply) -> func.HttpResponse:
+def _reply(reply: "HttpReply") -> func.HttpResponse:
     return func.HttpResponse(reply.json(), status_code=reply.status, headers=reply.headers, mimetype=JSON)
 
 
 # Work due now goes out through an output binding: the host then polls the work queue at once.
 @app.route(route="provision", methods=["POST"])
-@app.queue_output(arg_name="work", queue_name="%WORK_QUEUE%", connection="AzureWebJobsStorage")
+@app.queue_output(arg_name="work", queue_name="%WORK_QUEUE%", connection=CONNECTION)
 def provision(req: func.HttpRequest, work: func.Out[List[str]]) -> func.HttpResponse:
-    reply = handlers.provision_http(req.get_body(), dict(req.headers), runtime(), params=dict(req.params),
-                                    method=req.method, path=urlsplit(req.url).path)
+    from shared import handlers
+    from shared.intake.callers import caller_of
+    from shared.operations.readiness import http_door
+
+    headers = dict(req.headers)
+    # The signature covers the method and path; Idempotency-Keys are scoped to the Entra ID caller.
+    reply = http_door(headers, lambda rt: handlers.provision_http(
+        req.get_body(), headers, rt, params=dict(req.params), method=req.method, path=urlsplit(req.url).path,
+        caller=caller_of(headers, rt.settings)))
     if reply.work:
         work.set(reply.work)
     return _reply(reply)
@@ -36,52 +45,97 @@ def provision(req: func.HttpRequest, work: func.Out[List[str]]) -> func.HttpResp
 
 @app.route(route="provision/{requestId}", methods=["GET"])
 def provision_status(req: func.HttpRequest) -> func.HttpResponse:
-    return _reply(handlers.request_status(req.route_params.get("requestId", ""), runtime()))
+    from shared import handlers
+    from shared.operations.readiness import http_door
+
+    return _reply(http_door(dict(req.headers),
+                            lambda rt: handlers.request_status(req.route_params.get("requestId", ""), rt)))
 
 
-@app.queue_trigger(arg_name="msg", queue_name="%INTAKE_QUEUE%", connection="AzureWebJobsStorage")
-@app.queue_output(arg_name="work", queue_name="%WORK_QUEUE%", connection="AzureWebJobsStorage")
-def intake_queue(msg: func.QueueMessage, work: func.Out[List[str]]) -> None:
-    due = handlers.intake_message(msg.get_body(), runtime(), delivery=msg.dequeue_count or 1)
+@app.queue_trigger(arg_name="msg", queue_name="%INTAKE_QUEUE%", connection=CONNECTION)
+@app.queue_output(arg_name="work", queue_name="%WORK_QUEUE%", connection=CONNECTION)
+@app.queue_output(arg_name="parked", queue_name="%INTAKE_QUEUE%-parked", connection=CONNECTION)
+def intake_queue(msg: func.QueueMessage, work: func.Out[List[str]], parked: func.Out[str]) -> None:
+    from shared import handlers
+    from shared.operations.readiness import queue_door
+
+    due = queue_door(lambda: parked.set(_text(msg)),
+                     lambda rt: handlers.intake_message(msg.get_body(), rt, delivery=msg.dequeue_count or 1))
     if due:
         work.set(due)
 
 
-@app.queue_trigger(arg_name="msg", queue_name="%WORK_QUEUE%", connection="AzureWebJobsStorage")
-def provision_worker(msg: func.QueueMessage) -> None:
-    handlers.work_message(msg.get_body(), runtime())
+@app.queue_trigger(arg_name="msg", queue_name="%WORK_QUEUE%", connection=CONNECTION)
+@app.queue_output(arg_name="parked", queue_name="%WORK_QUEUE%-parked", connection=CONNECTION)
+def provision_worker(msg: func.QueueMessage, parked: func.Out[str]) -> None:
+    from shared import handlers
+    from shared.operations.readiness import queue_door
+
+    queue_door(lambda: parked.set(_text(msg)), lambda rt: handlers.work_message(msg.get_body(), rt))
 
 
 # Rows for Log Analytics (RESULTS_SINK=loganalytics|both); failures go back on the queue, never raise.
-# Registered only when used, so that no instance polls an unused queue.
-if settings.logs_enabled:
-    @app.queue_trigger(arg_name="msg", queue_name="%LOGS_QUEUE%", connection="AzureWebJobsStorage")
-    def log_analytics_upload(msg: func.QueueMessage) -> None:
-        log_analytics.upload_message(msg.get_body(), runtime())
+# Registered whatever RESULTS_SINK says (an idle queue costs a poll, a missing function costs a
+# silent backlog); rows that arrive while the sink is off are parked, not lost.
+@app.queue_trigger(arg_name="msg", queue_name="%LOGS_QUEUE%", connection=CONNECTION)
+@app.queue_output(arg_name="parked", queue_name="%LOGS_QUEUE%-parked", connection=CONNECTION)
+def log_analytics_upload(msg: func.QueueMessage, parked: func.Out[str]) -> None:
+    from shared.operations.readiness import queue_door
+    from shared.results import log_analytics
+
+    queue_door(lambda: parked.set(_text(msg)), lambda rt: log_analytics.upload_message(msg.get_body(), rt),
+               for_logs=True)
 
 
-@app.timer_trigger(arg_name="timer", schedule="*/30 * * * * *", run_on_startup=True)
+def _text(msg: func.QueueMessage) -> str:
+    # host.json's messageEncoding is "none": the body is the text that was sent, and goes back as is.
+    return msg.get_body().decode("utf-8", "replace")
+
+
+# Every 5 minutes, not at start-up: on Flex Consumption each run is billed at least 1 s of instance
+# memory, and a 30 s timer alone outspends the monthly free grant. A fresh pool is seeded by the
+# first worker that needs it (shared/ratelimit/token_gate.py RateGate.acquire), not by this timer.
+@app.timer_trigger(arg_name="timer", schedule="0 */5 * * * *", run_on_startup=False)
 def lease_upkeep(timer: func.TimerRequest) -> None:
-    handlers.lease_upkeep(runtime())
+    from shared import handlers
+    from shared.operations.readiness import queue_door
+
+    queue_door(lambda: None, handlers.lease_upkeep)
 
 
 # Anonymous: the API's shape is no secret, and Logic Apps custom connectors import it from here.
 @app.route(route="openapi.json", methods=["GET"], auth_level=func.AuthLevel.ANONYMOUS)
 def openapi_description(req: func.HttpRequest) -> func.HttpResponse:
+    from shared.operations import openapi
+    from shared.operations.readiness import unready_reply
+    from shared.settings import get_settings
+
+    unready = unready_reply()
+    if unready is not None:
+        return _reply(unready)
     origin = req.url.split("/api/", 1)[0]
     # The Host header is the caller's: reflect it only when it is a plain host[:port].
     origin = origin if re.fullmatch(r"https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?", origin) else None
-    return func.HttpResponse(json.dumps(openapi.build_spec(settings, origin)), mimetype=JSON)
+    return func.HttpResponse(json.dumps(openapi.build_spec(get_settings(), origin)), mimetype=JSON)
 
 
-# Anonymous, so it says nothing about the configuration; ?deep=true is pointed at health/deep.
+# Anonymous, so it names bad settings but shows no values; ?deep=true is pointed at health/deep.
 @app.route(route="health", methods=["GET"], auth_level=func.AuthLevel.ANONYMOUS)
 def health(req: func.HttpRequest) -> func.HttpResponse:
+    from shared.operations import preflight
+
     return _reply(preflight.health_reply(req.params))
 
 
 # The preflight report names roles, job and queues: auth level is per function, hence its own route.
 @app.route(route="health/deep", methods=["GET"], auth_level=func.AuthLevel.FUNCTION)
 def health_deep(req: func.HttpRequest) -> func.HttpResponse:
+    from shared.operations import preflight
+    from shared.operations.readiness import unready_reply
+    from shared.runtime import runtime
+
+    unready = unready_reply(detailed=True)
+    if unready is not None:
+        return _reply(unready)
     rt = runtime()
     return _reply(preflight.deep_health_reply(rt.settings, rt.graph, rt.queues.service))

@@ -32,6 +32,8 @@ log = logging.getLogger("devhost")
 
 DEFAULT_PORT = 7071
 FUNCTION_KEY_SETTING = "DEVHOST_FUNCTION_KEY"
+# "true": pass clients' X-MS-CLIENT-PRINCIPAL* headers through, as if App Service Authentication set them.
+EASY_AUTH_SETTING = "DEVHOST_EMULATE_EASY_AUTH"
 HOST_ID_SETTING = "AzureFunctionsWebHost__hostid"
 
 
@@ -126,7 +128,8 @@ class Host:
 
         self._http = HttpFrontend(self.options.bind, port, config.route_prefix, self.functions, invoker,
                                   function_key=os.environ.get(FUNCTION_KEY_SETTING) or None,
-                                  admin_invoke=self._admin_invoke)
+                                  admin_invoke=self._admin_invoke,
+                                  emulate_easy_auth=os.environ.get(EASY_AUTH_SETTING, "").lower() == "true")
         self._print_functions()
         for listener in self._listeners:
             listener.start()

@@ -27,6 +27,12 @@ PROTECTED_AUTH_LEVELS = ("function", "admin")
 _SKIPPED_RESPONSE_HEADERS = {"content-length", "transfer-encoding", "connection", "keep-alive"}
 MAX_BODY_BYTES = 100 * 1024 * 1024  # the host's default request size limit
 
+# App Service Authentication sets these for the caller it validated and strips them from clients
+# ("External requests aren't allowed to set these headers", learn.microsoft.com/azure/app-service/
+# configure-authentication-user-identities); devhost does the same unless it emulates Easy Auth, when
+# the test plays the platform and supplies them.
+CLIENT_PRINCIPAL_PREFIX = "x-ms-client-principal"
+
 # (status, headers as a list so repeated headers such as Set-Cookie survive, body)
 Reply = tuple[int, list[tuple[str, str]], bytes]
 # Starts a non-HTTP function by name with the given input text; returns False if unknown.
@@ -55,10 +61,11 @@ def error_body(code: str, message: str) -> bytes:
 
 class HttpFrontend:
     def __init__(self, bind: str, port: int, route_prefix: str, specs: list[FunctionSpec], invoker: Invoker,
-                 *, function_key: str | None, admin_invoke: AdminInvoke) -> None:
+                 *, function_key: str | None, admin_invoke: AdminInvoke, emulate_easy_auth: bool = False) -> None:
         self.router = build_router(specs, route_prefix)
         self._invoker = invoker
         self._function_key = function_key
+        self._emulate_easy_auth = emulate_easy_auth
         self._admin_invoke = admin_invoke
         handler = self._handler_class()
         self._server = ThreadingHTTPServer((bind, port), handler)
@@ -93,6 +100,8 @@ class HttpFrontend:
             return 401, [], error_body("Unauthorized", "a valid function key is required (?code= or x-functions-key)")
         headers: dict[str, str] = {}
         for name, value in request.headers.items():
+            if name.lower().startswith(CLIENT_PRINCIPAL_PREFIX) and not self._emulate_easy_auth:
+                continue
             headers[name] = f"{headers[name]}, {value}" if name in headers else value
         host = request.headers.get("Host") or f"127.0.0.1:{self.port}"
         http_request = func.HttpRequest(request.command, f"http://{host}{request.path}", headers=headers,

@@ -1,6 +1,11 @@
 // `azd up` entry point: one resource group holding the Function App (Flex Consumption, Python), its
 // user-assigned identity, a key-less storage account, monitoring and the results DCR.
-// Every app setting the code reads is set here, in `appSettings` below (tests/test_infra.py checks it).
+// Every app setting the code reads is set here, in `appSettings` below (tests/integration/test_infra.py
+// checks it, and encodes each Flex Consumption rule this template follows).
+//
+// Azure public cloud only: Flex Consumption is not offered in Azure Government (docs/deploy.md,
+// "Clouds"), and a managed identity gets tokens only from its own cloud, so the Graph root is the
+// global one. docs/deploy.md says how to run the app in Azure Government.
 targetScope = 'subscription'
 
 @minLength(1)
@@ -15,10 +20,6 @@ param location string
 
 @description('Resource group name; empty = rg-<environmentName>.')
 param resourceGroupName string = ''
-
-@description('Microsoft Graph national cloud of the tenant. The app must run in the same cloud as its identity.')
-@allowed(['Global', 'USGovL4', 'USGovL5'])
-param graphCloud string = 'Global'
 
 @allowed(['v1.0', 'beta'])
 param graphApiVersion string = 'v1.0'
@@ -63,6 +64,7 @@ param maxExpectedWaitHours string = ''
 param maxBodyBytes string = ''
 param maxCallsPerPost string = ''
 param idempotencyRetentionHours string = ''
+param outOfScopeRetryMinutes string = ''
 param webhookSignatureHeader string = ''
 param webhookTimestampHeader string = ''
 param webhookToleranceSeconds string = ''
@@ -93,12 +95,33 @@ param idempotencyTable string = 'provisionkeys'
 @allowed(['true', 'false'])
 param autoStartQuarantinedJob string = 'false'
 
-@allowed(['3.11', '3.12'])
-param pythonVersion string = '3.11'
+@description('Python on Flex Consumption: 3.12 as in Microsoft\'s azd Flex quickstart, or 3.13.')
+@allowed(['3.12', '3.13'])
+param pythonVersion string = '3.12'
 
+@description('Flex Consumption instance memory (MB); docs/deploy.md, "Cost", says why 512.')
+@allowed([512, 2048, 4096])
+param instanceMemoryMB int = 512
+
+@description('Most instances Flex Consumption may run; sized for Graph\'s 0.5 calls/s in docs/deploy.md, "Cost".')
 @minValue(1)
 @maxValue(1000)
-param maximumInstanceCount int = 40
+param maximumInstanceCount int = 10
+
+// Standard_LRS is offered in every Flex Consumption region; ZRS is not (westus, westcentralus,
+// northcentralus, ukwest, southindia, australiasoutheast):
+// https://learn.microsoft.com/azure/storage/common/redundancy-regions-zrs
+@description('Storage redundancy: Standard_LRS works in every Flex region; Standard_ZRS where the region has zones.')
+@allowed(['Standard_LRS', 'Standard_ZRS'])
+param storageSkuName string = 'Standard_LRS'
+
+// App Service Authentication (Easy Auth) with Microsoft Entra ID, off unless callers are named.
+@description('Client (application) ids allowed to call with an Entra ID token, comma-separated; empty = none by id.')
+param allowedClientAppIds string = ''
+@description('App roles a caller\'s token must hold one of, comma-separated; empty = no role needed.')
+param allowedClientRoles string = ''
+@description('Client id of the Entra app registration that represents this API (the tokens\' audience).')
+param easyAuthClientId string = ''
 
 @minValue(30)
 @maxValue(730)
@@ -107,11 +130,9 @@ param logRetentionInDays int = 30
 var tags = { 'azd-env-name': environmentName }
 var token = toLower(uniqueString(subscription().id, environmentName, location))
 
-var graphRoots = {
-  Global: 'https://graph.microsoft.com'
-  USGovL4: 'https://graph.microsoft.us'
-  USGovL5: 'https://dod-graph.microsoft.us'
-}
+var graphCloud = 'Global'
+var easyAuthEnabled = !(empty(allowedClientAppIds) && empty(allowedClientRoles))
+var allowedApplications = empty(allowedClientAppIds) ? [] : split(replace(allowedClientAppIds, ' ', ''), ',')
 
 // Defaults of shared/settings.py; the queues are created here so that none depends on first use.
 var queueNames = {
@@ -160,6 +181,7 @@ module storage 'modules/storage.bicep' = {
     name: 'st${token}'
     location: location
     tags: tags
+    skuName: storageSkuName
     queueNames: allQueues
     containerNames: containerNames
     tableNames: [statusTable, idempotencyTable]
@@ -185,7 +207,6 @@ module rbac 'modules/rbac.bicep' = {
   params: {
     principalId: identity.outputs.principalId
     storageAccountName: storage.outputs.name
-    containerNames: containerNames
     dcrName: monitoring.outputs.dcrName
     appInsightsName: monitoring.outputs.appInsightsName
   }
@@ -199,14 +220,13 @@ var appSettings = {
   AzureWebJobsStorage__blobServiceUri: storage.outputs.blobEndpoint
   AzureWebJobsStorage__queueServiceUri: storage.outputs.queueEndpoint
   AzureWebJobsStorage__tableServiceUri: storage.outputs.tableEndpoint
-  AzureWebJobsFeatureFlags: 'EnableWorkerIndexing'
   APPLICATIONINSIGHTS_CONNECTION_STRING: monitoring.outputs.appInsightsConnectionString
   APPLICATIONINSIGHTS_AUTHENTICATION_STRING: 'ClientId=${identity.outputs.clientId};Authorization=AAD'
   AZURE_CLIENT_ID: identity.outputs.clientId
 
   GRAPH_CLOUD: graphCloud
   GRAPH_API_VERSION: graphApiVersion
-  GRAPH_ENDPOINT: graphRoots[graphCloud]
+  GRAPH_ENDPOINT: 'https://graph.microsoft.com'
   GRAPH_TIMEOUT_SECONDS: graphTimeoutSeconds
 
   DEFAULT_SERVICE_PRINCIPAL_ID: defaultServicePrincipalId
@@ -238,6 +258,7 @@ var appSettings = {
   MAX_EXPECTED_WAIT_HOURS: maxExpectedWaitHours
   MAX_BODY_BYTES: maxBodyBytes
   MAX_CALLS_PER_POST: maxCallsPerPost
+  OUT_OF_SCOPE_RETRY_MINUTES: outOfScopeRetryMinutes
 
   RULE_CACHE_SECONDS: ruleCacheSeconds
   AUTO_START_QUARANTINED_JOB: autoStartQuarantinedJob
@@ -249,6 +270,11 @@ var appSettings = {
   WEBHOOK_TOLERANCE_SECONDS: webhookToleranceSeconds
   REDACT_PII: redactPii
   REDACT_PII_SALT: redactPiiSalt
+
+  // The app reads the caller from X-MS-CLIENT-PRINCIPAL and admits these when Easy Auth is on.
+  EASY_AUTH_ENABLED: easyAuthEnabled ? 'true' : 'false'
+  ALLOWED_CLIENT_APP_IDS: allowedClientAppIds
+  ALLOWED_CLIENT_ROLES: allowedClientRoles
 
   RESULTS_SINK: resultsSink
   LOGS_INGESTION_ENDPOINT: monitoring.outputs.logsIngestionEndpoint
@@ -272,11 +298,24 @@ module functionApp 'modules/functionapp.bicep' = {
     storageBlobEndpoint: storage.outputs.blobEndpoint
     deploymentContainerName: deploymentContainerName
     pythonVersion: pythonVersion
+    instanceMemoryMB: instanceMemoryMB
     maximumInstanceCount: maximumInstanceCount
     appSettings: appSettings
   }
   // The host starts as soon as the site exists; without its roles it would fail its first storage calls.
   dependsOn: [rbac]
+}
+
+module easyAuth 'modules/easyauth.bicep' = if (easyAuthEnabled) {
+  name: 'easyauth'
+  scope: rg
+  params: {
+    siteName: functionApp.outputs.name
+    clientId: easyAuthClientId
+    issuer: '${environment().authentication.loginEndpoint}${tenant().tenantId}/v2.0'
+    audiences: ['api://${easyAuthClientId}', easyAuthClientId]
+    allowedApplications: allowedApplications
+  }
 }
 
 output AZURE_LOCATION string = location
@@ -290,3 +329,4 @@ output GRAPH_CLOUD string = graphCloud
 output DEFAULT_SERVICE_PRINCIPAL_ID string = defaultServicePrincipalId
 output LOGS_INGESTION_ENDPOINT string = monitoring.outputs.logsIngestionEndpoint
 output LOGS_DCR_IMMUTABLE_ID string = monitoring.outputs.dcrImmutableId
+output EASY_AUTH_ENABLED bool = easyAuthEnabled

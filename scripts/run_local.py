@@ -7,6 +7,7 @@ import signal
 import socket
 import time
 
+import httpx
 from azure.core.exceptions import ResourceNotFoundError
 from azure.storage.queue import QueueClient
 
@@ -19,9 +20,12 @@ def _port_free(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) != 0
 
 
-def wait_for_rate_lease(connection: str, queue: str = "provision-leases", timeout: float = 120) -> None:
+def wait_for_rate_lease(host_url: str, connection: str, queue: str = "provision-leases", timeout: float = 120) -> None:
     """A new token pool's tokens only become usable a window plus the epoch cache time after they
-    are minted (shared/ratelimit/token_gate.py); say so instead of letting the first event wait in silence."""
+    are minted (shared/ratelimit/token_gate.py); say so instead of letting the first event wait in silence.
+    The upkeep timer does not run at start-up (each run is billed), so run it now through the admin
+    API, as an operator would; otherwise the first worker call would mint the pool."""
+    httpx.post(f"{host_url}/admin/functions/lease_upkeep", json={}, timeout=10).raise_for_status()
     leases = QueueClient.from_connection_string(connection, queue)
     started = time.monotonic()
     told = False
@@ -70,7 +74,7 @@ def main() -> None:
                                                              if k.startswith(("RATE_", "GRAPH_API", "RESULTS_"))},
                                                           **logs_env}),
                                          port=args.port))
-        wait_for_rate_lease(azurite.connection_string)
+        wait_for_rate_lease(stack.hosts[0].url, azurite.connection_string)
         if logs_sim is not None:
             print(f"  Logs Ingestion sim    {logs_sim.endpoint}  (RESULTS_SINK={args.sink}; rows it accepted: "
                   f"curl -s --cacert {logs_sim.cert_file} {logs_sim.endpoint}/_sim/rows)", flush=True)

@@ -6,7 +6,7 @@
     ├── RedeliverLater                make the host deliver a queue message again (visibilityTimeout)
     ├── StatusStoreUnavailable        the status table could not be read or written; retry later
     ├── KeyStoreUnavailable           the table of idempotency keys and seen signatures could not be reached
-    ├── SettingsError                 configuration missing or invalid at start-up (also a RuntimeError)
+    ├── SettingsError                 configuration missing or invalid (also a RuntimeError); `.settings` names them
     ├── UploadFailed                  the Logs Ingestion API refused or could not be reached
     └── GraphFailure                  a provisionOnDemand (or job/schema) call did not succeed
         ├── GraphThrottled            429: the whole pool holds back for Retry-After
@@ -66,7 +66,12 @@ class KeyStoreUnavailable(ProvisioningError):
 
 
 class SettingsError(ProvisioningError, RuntimeError):
-    """Raised at start-up when configuration is missing or invalid; the message says what to fix."""
+    """Raised at start-up when configuration is missing or invalid; the message says what to fix and
+    `settings` names the app settings involved (names only: safe to show to callers)."""
+
+    def __init__(self, message: str, settings: list[str] | None = None):
+        super().__init__(message)
+        self.settings = settings or []
 
 
 @dataclass
@@ -76,6 +81,9 @@ class UploadFailed(ProvisioningError):
     status: int | None = None
     retry_after: float | None = None
     permanent: bool = False  # retrying the same rows cannot succeed
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}"
 
 
 @dataclass

@@ -24,18 +24,15 @@ from shared.intake.validation import (
 )
 from shared.models import GUID_RE, WorkItem
 from shared.operations import poison_sweep as poison
+from shared.operations.readiness import return_parked
 from shared.ratelimit.placement import place, place_now
-from shared.replies import HttpReply
+from shared.replies import HttpReply, error_reply
 from shared.runtime import Runtime
 from shared.worker import handle_work_message
 
 log = logging.getLogger(__name__)
 # Not in the Idempotency-Key draft, which leaves the replay's form open; the name Stripe uses.
 REPLAYED_HEADER = "Idempotent-Replayed"
-
-
-def _error_reply(rejected: RequestRejected) -> HttpReply:
-    return HttpReply(rejected.status, {"error": rejected.info.model_dump(exclude_none=True)}, rejected.headers)
 
 
 def _enqueue(accepted: list[AcceptedRequest], rt: Runtime) -> list[str]:
@@ -131,11 +128,11 @@ def provision_http(body: bytes, headers: Mapping[str, str], rt: Runtime, params:
         key = idempotency_key(headers)
         reply = _provision(text, rt, params) if key is None else _provision_once(key, caller, text, rt, params)
     except RequestRejected as rejected:
-        reply = _error_reply(rejected)
+        reply = error_reply(rejected)
     except StatusStoreUnavailable:
-        reply = _error_reply(_status_unavailable())
+        reply = error_reply(_status_unavailable())
     except KeyStoreUnavailable:
-        reply = _error_reply(RequestRejected(503, "KeyStoreUnavailable", "the table of idempotency keys and "
+        reply = error_reply(RequestRejected(503, "KeyStoreUnavailable", "the table of idempotency keys and "
                                              "signatures cannot be reached right now; nothing was accepted, try "
                                              "again shortly", headers={"Retry-After": "5"}))
     if signature is not None and reply.status >= 300:
@@ -173,15 +170,15 @@ def intake_message(raw: bytes | str, rt: Runtime, delivery: int = 1) -> list[str
 def request_status(request_id: str, rt: Runtime) -> HttpReply:
     """GET /api/provision/{requestId}: where the request stands, its ETA, and its results."""
     if not GUID_RE.match(request_id or ""):
-        return _error_reply(RequestRejected(400, "InvalidRequestId",
+        return error_reply(RequestRejected(400, "InvalidRequestId",
                                             "requestId must be the GUID from the 202 answer of POST /api/provision"))
     s = rt.settings
     try:
         status = rt.status.read(request_id.lower(), s.slot_spacing, s.graph_timeout_seconds)
     except StatusStoreUnavailable:
-        return _error_reply(_status_unavailable())
+        return error_reply(_status_unavailable())
     if status is None:
-        return _error_reply(RequestRejected(404, "RequestNotFound", f"no request {request_id} is known here"))
+        return error_reply(RequestRejected(404, "RequestNotFound", f"no request {request_id} is known here"))
     return HttpReply(200, status.model_dump(mode="json", exclude_none=True))
 
 
@@ -193,3 +190,5 @@ def lease_upkeep(rt: Runtime) -> None:
     rt.gate_for().ensure_pool()
     poison.sweep(rt)
     rt.answers.sweep()
+    # Runs only with valid settings: what was parked while they were invalid can be processed now.
+    return_parked(rt)

@@ -27,6 +27,7 @@ ObjectTypeName = Literal["User", "user", "Group", "Worker"]
 Priority = Literal["normal", "high"]
 MAX_GROUP_MEMBERS_PER_CALL = 5  # Microsoft's documented limit for one on-demand request
 MAX_MEMBERS_PER_REQUEST = 500
+MAX_OWNERS_PER_SUBJECT = 100  # our own bound (Graph documents none): keeps a work item far below 64 KiB
 
 # Printable ASCII only: the value travels into logs and result messages, never into headers.
 CorrelationId = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[\x20-\x7e]+$")]
@@ -74,12 +75,22 @@ def _check_object_id(object_id: str, type_name: str | None) -> str:
     return object_id
 
 
-def _check_members_allowed(has_members: bool, type_name: str | None) -> None:
-    if has_members and type_name not in (None, "Group"):
-        raise ValueError("members are only allowed when objectTypeName is 'Group'")
+# Which subject types may carry which links (synchronizationLinkedObjects: manager, members, owners;
+# https://learn.microsoft.com/graph/api/resources/synchronization-synchronizationjobsubject). A manager
+# is a user's attribute and owners a group's; the linked objects themselves are Entra ID users.
+LINKS_ALLOWED_ON = {"members": ("Group",), "owners": ("Group",), "manager": ("User",)}
+
+
+def _check_links_allowed(present: dict[str, bool], type_name: str | None) -> None:
+    for link, allowed in LINKS_ALLOWED_ON.items():
+        if present.get(link) and type_name not in (None, *allowed):
+            raise ValueError(f"{link} {'is' if link == 'manager' else 'are'} only allowed when objectTypeName is "
+                             f"{' or '.join(repr(t) for t in allowed)}, not {type_name!r}")
 
 
 class Member(_Strict):
+    """A linked user: a group member or owner, or a user's manager."""
+
     objectId: str
     objectTypeName: Literal["User"] = "User"
 
@@ -87,12 +98,17 @@ class Member(_Strict):
     @classmethod
     def _guid(cls, v: str) -> str:
         if not GUID_RE.match(v):
-            raise ValueError("a group member's objectId must be a GUID (an Entra ID user)")
+            raise ValueError("a linked user's objectId (member, manager or owner) must be a GUID (an Entra ID user)")
         return v
 
 
 class Links(_Strict):
     members: list[Member] = Field(default_factory=list, max_length=MAX_MEMBERS_PER_REQUEST)
+    manager: Member | None = None
+    owners: list[Member] = Field(default_factory=list, max_length=MAX_OWNERS_PER_SUBJECT)
+
+    def present(self) -> dict[str, bool]:
+        return {"members": bool(self.members), "owners": bool(self.owners), "manager": self.manager is not None}
 
 
 class GraphSubject(_Strict):
@@ -109,7 +125,7 @@ class GraphSubject(_Strict):
     @field_validator("links")
     @classmethod
     def _links(cls, v: Links | None, info: ValidationInfo) -> Links | None:
-        _check_members_allowed(bool(v and v.members), info.data.get("objectTypeName"))
+        _check_links_allowed(v.present() if v else {}, info.data.get("objectTypeName"))
         return v
 
 
@@ -144,6 +160,8 @@ class CompactEvent(_Strict):
     servicePrincipalId: str | None = None
     jobId: str | None = None
     members: list[Member] | None = Field(None, max_length=MAX_MEMBERS_PER_REQUEST)
+    manager: Member | None = None
+    owners: list[Member] | None = Field(None, max_length=MAX_OWNERS_PER_SUBJECT)
     correlationId: CorrelationId | None = None
     priority: Priority = "normal"
 
@@ -156,23 +174,24 @@ class CompactEvent(_Strict):
     def _object_id(cls, v: str, info: ValidationInfo) -> str:
         return _check_object_id(v, info.data.get("objectTypeName"))
 
-    @field_validator("members", mode="before")
+    @field_validator("members", "owners", "manager", mode="before")
     @classmethod
-    def _member_shorthand(cls, v: Any) -> Any:
-        # A bare string is shorthand for a user member.
+    def _user_shorthand(cls, v: Any) -> Any:
+        # A bare string is shorthand for a linked user.
         if isinstance(v, list):
             return [{"objectId": m} if isinstance(m, str) else m for m in v]
-        return v
+        return {"objectId": v} if isinstance(v, str) else v
 
-    @field_validator("members")
+    @field_validator("members", "owners", "manager")
     @classmethod
-    def _members(cls, v: list[Member] | None, info: ValidationInfo) -> list[Member] | None:
-        _check_members_allowed(bool(v), info.data.get("objectTypeName"))
+    def _links(cls, v: Any, info: ValidationInfo) -> Any:
+        _check_links_allowed({info.field_name: bool(v)}, info.data.get("objectTypeName"))
         return v
 
     def as_subject(self) -> GraphSubject:
-        links = Links(members=self.members) if self.members else None
-        return GraphSubject(objectId=self.objectId, objectTypeName=self.objectTypeName, links=links)
+        links = Links(members=self.members or [], manager=self.manager, owners=self.owners or [])
+        return GraphSubject(objectId=self.objectId, objectTypeName=self.objectTypeName,
+                            links=links if any(links.present().values()) else None)
 
 
 class Subject(BaseModel):
@@ -181,6 +200,18 @@ class Subject(BaseModel):
     objectId: str
     objectTypeName: ObjectTypeName
     members: list[str] | None = None
+    manager: str | None = None  # links.manager's objectId (User subjects)
+    owners: list[str] | None = None  # links.owners' objectIds (Group subjects)
+
+    def graph_links(self) -> dict[str, Any] | None:
+        """synchronizationLinkedObjects as Graph takes it, or None when the subject has no links."""
+        links: dict[str, Any] = {}
+        for name in ("members", "owners"):
+            if getattr(self, name):
+                links[name] = [{"objectId": m, "objectTypeName": "User"} for m in getattr(self, name)]
+        if self.manager:
+            links["manager"] = {"objectId": self.manager, "objectTypeName": "User"}
+        return links or None
 
 
 class Follower(BaseModel):
@@ -217,6 +248,7 @@ class WorkItem(BaseModel):
     receivedAt: datetime
     priority: Priority = "normal"
     displaced: int = 0  # times it found no token at its slot; the second time it moves to the high lane
+    outOfScopeRetries: int = 0  # calls repeated because the subject was not in scope yet (OUT_OF_SCOPE_RETRY_MINUTES)
     # Coalescing (shared/status/store.py): the equal-call group; while this call leads it, the etag of its
     # open row as created ("" when the group it leads must be read first); the calls that joined,
     # once the group was closed.
@@ -234,8 +266,9 @@ class WorkItem(BaseModel):
 
     def graph_body(self) -> dict[str, Any]:
         subject: dict[str, Any] = {"objectId": self.subject.objectId, "objectTypeName": self.subject.objectTypeName}
-        if self.subject.members:
-            subject["links"] = {"members": [{"objectId": m, "objectTypeName": "User"} for m in self.subject.members]}
+        links = self.subject.graph_links()
+        if links:
+            subject["links"] = links
         return {"parameters": [{"ruleId": self.ruleId, "subjects": [subject]}]}
 
 
@@ -277,10 +310,20 @@ class System(BaseModel):
     name: str | None = None
 
 
+# What happened to the subject, in plain words; how each is derived: shared/graph/decoding.py and the README.
+Verdict = Literal["created", "updated", "deleted", "disabled", "noChange", "outOfScope", "failed", "unknown"]
+# The three shapes provisionOnDemand answers in, and "unreadable" for anything else.
+AnswerShape = Literal["documented", "group", "statusInfo", "unreadable"]
+
+
 class Outcome(BaseModel):
     """What one provisionOnDemand answer means, decoded from its nested JSON strings."""
 
     result: str
+    verdict: Verdict = "unknown"
+    reasonCode: str | None = None  # the step name or error code the verdict was derived from
+    diagnosis: str | None = None  # what to do about it, when the answer alone is cryptic
+    answerShape: AnswerShape | None = None  # None for results that are not a Graph answer (given up on)
     errorCode: str | None = None
     errorMessage: str | None = None
     action: str | None = None
@@ -337,6 +380,7 @@ class ResultMessage(Outcome):
     callsSaved: int = 0  # other requests this call served (coalescing): Graph calls not made
     servedBy: str | None = None  # the resultId of the call that served this request, when coalesced
     jobStatus: JobStatus | None = None  # only when the failure pointed at the job (shared/graph/job_guard.py)
+    outOfScopeRetries: int = 0  # extra Graph calls made because the subject was not in scope yet
 
 
 class ErrorInfo(BaseModel):

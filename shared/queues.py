@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-from functools import lru_cache
 from typing import Any
 
 from azure.core.exceptions import ResourceExistsError
@@ -65,10 +64,3 @@ class Queues:
     def send_json(self, name: str, body: BaseModel | dict[str, Any], *, delay: int = 0) -> None:
         text = body.model_dump_json(exclude_none=True) if isinstance(body, BaseModel) else json.dumps(body)
         self.send_text(name, text, delay=delay)
-
-
-@lru_cache(maxsize=1)
-def default_queues() -> Queues:
-    from shared.settings import get_settings
-
-    return Queues(service_client(get_settings()))

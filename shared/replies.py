@@ -5,6 +5,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from shared.errors import RequestRejected
+
 
 @dataclass
 class HttpReply:
@@ -15,3 +17,7 @@ class HttpReply:
 
     def json(self) -> str:
         return json.dumps(self.body)
+
+
+def error_reply(rejected: RequestRejected) -> HttpReply:
+    return HttpReply(rejected.status, {"error": rejected.info.model_dump(exclude_none=True)}, rejected.headers)

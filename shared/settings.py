@@ -2,6 +2,7 @@
 locally). Every name here is documented in local.settings.sample.json and the README."""
 from __future__ import annotations
 
+import logging
 import re
 from enum import Enum
 from functools import lru_cache
@@ -10,6 +11,9 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.errors import SettingsError
+from shared.models import GUID_RE
+
+log = logging.getLogger(__name__)
 
 
 class GraphCloud(str, Enum):
@@ -51,10 +55,13 @@ class RateLimitScope(str, Enum):
     JOB = "job"
 
 
+TABLE_NAME = r"^[A-Za-z][A-Za-z0-9]{2,62}$"
+HEADER_NAME = r"^[A-Za-z0-9-]{1,64}$"
+
+
 class Settings(BaseSettings):
     # Empty values (as in local.settings.sample.json) mean "use the default".
-    model_config = SettingsConfigDict(case_sensitive=True, extra="ignore", populate_by_name=True,
-                                      env_ignore_empty=True)
+    model_config = SettingsConfigDict(case_sensitive=True, extra="ignore", populate_by_name=True, env_ignore_empty=True)
 
     storage_connection: str | None = Field(None, alias="AzureWebJobsStorage")
     storage_queue_service_uri: str | None = Field(None, alias="AzureWebJobsStorage__queueServiceUri")
@@ -71,16 +78,16 @@ class Settings(BaseSettings):
     default_job_id: str | None = Field(None, alias="DEFAULT_JOB_ID")
     default_rule_id: str | None = Field(None, alias="DEFAULT_RULE_ID")
 
-    intake_queue: str = Field("provision-requests", alias="INTAKE_QUEUE")
-    work_queue: str = Field("provision-work", alias="WORK_QUEUE")
+    # At most 63 characters, with "-parked"/"-poison" (learn.microsoft.com/rest/api/storageservices/naming-queues-and-metadata)
+    intake_queue: str = Field("provision-requests", alias="INTAKE_QUEUE", max_length=56)
+    work_queue: str = Field("provision-work", alias="WORK_QUEUE", max_length=56)
     results_queue: str = Field("provision-results", alias="RESULTS_QUEUE")
     deadletter_queue: str = Field("provision-deadletter", alias="DEADLETTER_QUEUE")
     lease_queue: str = Field("provision-leases", alias="LEASE_QUEUE")
-    # Request status and coalescing (shared/status/store.py): one table, letters and digits only.
-    status_table: str = Field("provisionstatus", alias="STATUS_TABLE", pattern=r"^[A-Za-z][A-Za-z0-9]{2,62}$")
+    # Tables: status and coalescing (shared/status/store.py), keys and seen signatures (shared/intake/idempotency.py).
+    status_table: str = Field("provisionstatus", alias="STATUS_TABLE", pattern=TABLE_NAME)
     coalesce_requests: bool = Field(True, alias="COALESCE_REQUESTS")
-    # Idempotency keys and seen webhook signatures (shared/intake/idempotency.py), beside STATUS_TABLE.
-    idempotency_table: str = Field("provisionkeys", alias="IDEMPOTENCY_TABLE", pattern=r"^[A-Za-z][A-Za-z0-9]{2,62}$")
+    idempotency_table: str = Field("provisionkeys", alias="IDEMPOTENCY_TABLE", pattern=TABLE_NAME)
     idempotency_retention_hours: float = Field(24.0, alias="IDEMPOTENCY_RETENTION_HOURS", gt=0, le=720)
     # The most of the rate high-priority calls may take while normal calls wait (shared/ratelimit/slot_timeline.py).
     high_priority_share: float = Field(0.8, alias="HIGH_PRIORITY_SHARE", gt=0, le=0.95)
@@ -98,15 +105,14 @@ class Settings(BaseSettings):
     retry_max_seconds: float = Field(900.0, alias="RETRY_MAX_SECONDS", gt=0)
     max_expected_wait_hours: float = Field(72.0, alias="MAX_EXPECTED_WAIT_HOURS", gt=0, le=167)
     max_body_bytes: int = Field(262144, alias="MAX_BODY_BYTES", ge=1024)
-    # Graph calls one post may become, group splits counted (shared/intake/validation.py).
     max_calls_per_post: int = Field(1000, alias="MAX_CALLS_PER_POST", ge=1, le=100000)
+    # Make a call again this many minutes after it came back out of scope (shared/graph/out_of_scope.py); 0 = off.
+    out_of_scope_retry_minutes: float = Field(0.0, alias="OUT_OF_SCOPE_RETRY_MINUTES", ge=0, le=1440)
 
     # Optional webhook signatures (shared/intake/signatures.py): off while the secret is empty.
     webhook_hmac_secret: str | None = Field(None, alias="WEBHOOK_HMAC_SECRET", repr=False)
-    webhook_signature_header: str = Field("X-Signature", alias="WEBHOOK_SIGNATURE_HEADER",
-                                          pattern=r"^[A-Za-z0-9-]{1,64}$")
-    webhook_timestamp_header: str = Field("X-Timestamp", alias="WEBHOOK_TIMESTAMP_HEADER",
-                                          pattern=r"^[A-Za-z0-9-]{1,64}$")
+    webhook_signature_header: str = Field("X-Signature", alias="WEBHOOK_SIGNATURE_HEADER", pattern=HEADER_NAME)
+    webhook_timestamp_header: str = Field("X-Timestamp", alias="WEBHOOK_TIMESTAMP_HEADER", pattern=HEADER_NAME)
     webhook_tolerance_seconds: int = Field(300, alias="WEBHOOK_TOLERANCE_SECONDS", ge=1, le=86400)
     # Personal values in results become salted hashes (shared/results/redaction.py).
     redact_pii: bool = Field(False, alias="REDACT_PII")
@@ -122,19 +128,23 @@ class Settings(BaseSettings):
     logs_ingestion_endpoint: str | None = Field(None, alias="LOGS_INGESTION_ENDPOINT")
     logs_dcr_immutable_id: str | None = Field(None, alias="LOGS_DCR_IMMUTABLE_ID")
     logs_stream_name: str = Field("Custom-ProvisioningResults_CL", alias="LOGS_STREAM_NAME")
-    logs_queue: str = Field("provision-logs", alias="LOGS_QUEUE")
+    logs_queue: str = Field("provision-logs", alias="LOGS_QUEUE", max_length=56)
     logs_max_attempts: int = Field(10, alias="LOGS_MAX_ATTEMPTS", ge=1, le=100)
     logs_batch_size: int = Field(100, alias="LOGS_BATCH_SIZE", ge=1, le=1000)
     logs_timeout_seconds: float = Field(30.0, alias="LOGS_TIMEOUT_SECONDS", gt=0, le=120)
+
+    # Entra ID callers (shared/intake/callers.py). The lists are comma-separated, as the template passes
+    # them: kept as text, or pydantic-settings would read them as JSON.
+    easy_auth_enabled: bool = Field(False, alias="EASY_AUTH_ENABLED")
+    allowed_client_app_ids_text: str = Field("", alias="ALLOWED_CLIENT_APP_IDS")
+    allowed_client_roles_text: str = Field("", alias="ALLOWED_CLIENT_ROLES")
 
     @field_validator("graph_cloud")
     @classmethod
     def _known_cloud(cls, value: str) -> str:
         if value.replace(" ", "").lower() in {"china", "21vianet", "chinacloud", "azurechinacloud"}:
-            raise ValueError(
-                "GRAPH_CLOUD=China is not supported: Microsoft does not offer provisionOnDemand "
-                "in the national cloud operated by 21Vianet. Use Global, USGovL4 or USGovL5."
-            )
+            raise ValueError("GRAPH_CLOUD=China is not supported: Microsoft does not offer provisionOnDemand "
+                             "in the national cloud operated by 21Vianet. Use Global, USGovL4 or USGovL5.")
         allowed = [c.value for c in GraphCloud]
         if value not in allowed:
             raise ValueError(f"GRAPH_CLOUD must be one of {allowed}, got {value!r}")
@@ -165,6 +175,10 @@ class Settings(BaseSettings):
             raise ValueError(f"Log Analytics is half configured: {missing[0]} is not set while "
                              f"{next(n for n in given if n not in missing)} is; set both (and RESULTS_SINK=both "
                              "or loganalytics) or neither")
+        return self
+
+    @model_validator(mode="after")
+    def _log_analytics_well_formed(self) -> "Settings":
         if self.logs_ingestion_endpoint and not self.logs_ingestion_endpoint.startswith("https://"):
             raise ValueError("LOGS_INGESTION_ENDPOINT must be an https:// URL (the data collection endpoint or the "
                              "DCR's logsIngestion endpoint); Azure SDKs never send bearer tokens over http")
@@ -180,6 +194,16 @@ class Settings(BaseSettings):
         # Without a secret salt a hash of a name is reversed by hashing a list of names.
         if self.redact_pii and (not self.redact_pii_salt or len(self.redact_pii_salt) < 16):
             raise ValueError("REDACT_PII=true needs REDACT_PII_SALT: a secret of at least 16 characters")
+        return self
+
+    @model_validator(mode="after")
+    def _callers_configured(self) -> "Settings":
+        bad = [value for value in self.allowed_client_app_ids if not GUID_RE.match(value)]
+        if bad:
+            raise ValueError(f"ALLOWED_CLIENT_APP_IDS must list client application ids (GUIDs); {len(bad)} are not")
+        # Easy Auth on with empty lists would refuse every Entra ID caller: surely a mistake.
+        if self.easy_auth_enabled and not (self.allowed_client_app_ids or self.allowed_client_roles):
+            raise ValueError("EASY_AUTH_ENABLED=true needs ALLOWED_CLIENT_APP_IDS or ALLOWED_CLIENT_ROLES (or none is admitted)")
         return self
 
     @model_validator(mode="after")
@@ -205,6 +229,14 @@ class Settings(BaseSettings):
         return f"https://{self.storage_account_name}.table.core.windows.net" if self.storage_account_name else None
 
     @property
+    def allowed_client_app_ids(self) -> frozenset[str]:
+        return frozenset(v.strip().lower() for v in self.allowed_client_app_ids_text.split(",") if v.strip())
+
+    @property
+    def allowed_client_roles(self) -> frozenset[str]:
+        return frozenset(v.strip() for v in self.allowed_client_roles_text.split(",") if v.strip())
+
+    @property
     def graph_root(self) -> str:
         return (self.graph_endpoint or GRAPH_ROOTS[GraphCloud(self.graph_cloud)]).rstrip("/")
 
@@ -228,19 +260,45 @@ class Settings(BaseSettings):
         return (self.rate_limit_window_seconds + self.rate_limit_margin_seconds + SLOT_SLACK_SECONDS) / self.rate_limit_calls
 
 
+SETTING_NAMES = tuple(sorted({f.alias for f in Settings.model_fields.values() if f.alias}, key=len, reverse=True))
+
+
+def _named_settings(message: str) -> list[str]:
+    """App setting names a problem mentions, so that a 503 can name them without their values."""
+    found: list[str] = []
+    for name in SETTING_NAMES:  # longest first, each blanked once found: AzureWebJobsStorage__x is not AzureWebJobsStorage
+        pattern = rf"(?<![A-Za-z0-9_]){re.escape(name)}(?![A-Za-z0-9_])"
+        if re.search(pattern, message):
+            found.append(name)
+            message = re.sub(pattern, " ", message)
+    return sorted(found)
+
+
 def load_settings() -> Settings:
     from pydantic import ValidationError
 
     try:
         return Settings()
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'settings'}: {e['msg'].removeprefix('Value error, ')}"
-            for e in exc.errors()
-        )
-        raise SettingsError(f"Invalid configuration: {problems}") from None
+        problems = [(".".join(str(p) for p in e["loc"]), e["msg"].removeprefix("Value error, ")) for e in exc.errors()]
+        names = sorted({name for loc, msg in problems for name in ([loc] if loc else _named_settings(msg))})
+        text = "; ".join(f"{loc or 'settings'}: {msg}" for loc, msg in problems)
+        raise SettingsError(f"Invalid configuration: {text}", settings=names) from None
 
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
     return load_settings()
+
+
+@lru_cache(maxsize=1)
+def settings_problem() -> SettingsError | None:
+    """None when the settings are valid; otherwise the error, logged as critical once per process
+    (not once per message) so that a bad deployment shows at once without flooding the log."""
+    try:
+        get_settings()
+    except SettingsError as problem:
+        log.critical("%s. HTTP calls answer 503 and queue messages are parked until this is fixed and the app "
+                     "restarted (settings: %s)", problem, ", ".join(problem.settings) or "see message")
+        return problem
+    return None

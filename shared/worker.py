@@ -18,7 +18,8 @@ from shared.deadletters import dead_letter_for
 from shared.errors import GraphFailure, StatusStoreUnavailable, validation_details
 from shared.graph import job_guard as jobguard
 from shared.graph.client import SendTiming
-from shared.graph.decoding import decode
+from shared.graph.decoding import decode, failure_outcome
+from shared.graph.out_of_scope import decide_out_of_scope_retry
 from shared.graph.retry_policy import backoff_seconds
 from shared.models import ErrorInfo, Outcome, ResultMessage, WorkItem, utcnow
 from shared.ratelimit.placement import hold_until_slot, place_now
@@ -84,7 +85,17 @@ def process(item: WorkItem, rt: Runtime, sleep: Callable[[float], None] = time.s
         _after_failure(item.model_copy(update={"attempts": item.attempts + 1}), rt, failure)
         return
     gate.finish(lease, timing)
-    _emit(item.model_copy(update={"attempts": item.attempts + 1}), rt, decode(answer))
+    _report(item.model_copy(update={"attempts": item.attempts + 1}), rt, decode(answer))
+
+
+def _report(item: WorkItem, rt: Runtime, outcome: Outcome) -> None:
+    """Emit the outcome, unless the subject was not in scope yet and is to be tried again later:
+    then the work queue holds the call for OUT_OF_SCOPE_RETRY_MINUTES, nothing waits."""
+    retry_in = decide_out_of_scope_retry(outcome, item, rt.settings)
+    if retry_in is not None:
+        _defer(item.model_copy(update={"outOfScopeRetries": item.outOfScopeRetries + 1}), rt, retry_in, "OutOfScope")
+        return
+    _emit(item, rt, outcome)
 
 
 def _acquire(gate: RateGate, patience: float, sleep: Callable[[float], None]) -> Lease | None:
@@ -116,7 +127,8 @@ def give_up(item: WorkItem, rt: Runtime, info: ErrorInfo, failure: GraphFailure 
     log.error("call %s dead-lettered: %s", item.call_id, info.code)
     rt.queues.send_json(rt.settings.deadletter_queue, dead_letter_for(
         info, "work", item.model_dump_json(exclude_none=True), requestId=item.requestId, attempts=item.attempts))
-    _emit(item, rt, Outcome(result=ERROR_RESULT, errorCode=info.code, errorMessage=info.message), failure=failure)
+    _emit(item, rt, failure_outcome(ERROR_RESULT, info.code, info.message, failure.status if failure else None),
+          failure=failure)
 
 
 def _defer(item: WorkItem, rt: Runtime, seconds: float, why: str) -> None:
@@ -135,7 +147,7 @@ def _emit(item: WorkItem, rt: Runtime, outcome: Outcome, failure: GraphFailure |
         servicePrincipalId=item.servicePrincipalId, jobId=item.jobId, ruleId=item.ruleId,
         subject=item.subject, callIndex=item.callIndex, callCount=item.callCount,
         attempts=item.attempts, receivedAt=item.receivedAt, completedAt=utcnow(), jobStatus=job_status,
-        priority=item.priority, callsSaved=len(item.followers),
+        priority=item.priority, callsSaved=len(item.followers), outOfScopeRetries=item.outOfScopeRetries,
     )
     if rt.settings.redact_pii:  # before every sink: queue and Log Analytics alike
         result = redact(result, rt.settings.redact_pii_salt or "")

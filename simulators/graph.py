@@ -7,16 +7,25 @@ Order of handling for each arrival (arrival time = when the request line arrived
      (after its delay; `reset` drops the connection) and the arrival counts toward the rate window;
   4. bearer token verified (signature, exp, aud) -> 401 InvalidAuthenticationToken (not counted);
   5. sliding-window rate limit per tenant (tid) -> 429 TooManyRequests with Retry-After;
-  6. roles (Synchronization.ReadWrite.All or Application.ReadWrite.OwnedBy) -> 403;
+  6. roles (Synchronization.ReadWrite.All or Application.ReadWrite.OwnedBy) -> 403; OwnedBy alone
+     from an identity that does not own the service principal (see `set_owners`) -> 401 UnknownError
+     with an empty message, as Graph answers it;
   7. body validation -> 400 BadRequest / RequestParameterInvalid;
-  8. optional latency, then 200 with a golden example (matched by objectId) or a generated Success.
+  8. optional latency, then 200 with a golden example (matched by objectId) or a generated Success
+     (StatusInfo shape for jobs whose templateId is Azure2Azure, cross-tenant synchronization;
+     Skipped / NotEffectivelyEntitled while the subject is out of scope, see `set_out_of_scope`).
+
+Routes are the `ROUTES` table at the end: one `Route(method, template, handler)` line each. A handler
+gets a `Call` (request parsed, recorded and its token verified once) and applies the shared auth
+checks (`Call.deny_unauthenticated`, `deny_without_role`, `deny`) in the order its route needs.
 
 Admin endpoints (JSON; not recorded, not rate limited):
   GET /_sim/calls, DELETE /_sim/calls (log and rate window), GET /_sim/stats,
   GET /_sim/max_in_window?window=10[&counted_only=1],
   GET/POST/DELETE /_sim/script, GET/POST /_sim/config,
   GET/POST/DELETE /_sim/jobs (per-job status for GET .../jobs/{jobId}; see `set_job`),
-  GET/POST/DELETE /_sim/schemas (per-job GET .../jobs/{jobId}/schema; see `set_schema`).
+  GET/POST/DELETE /_sim/schemas (per-job GET .../jobs/{jobId}/schema; see `set_schema`),
+  GET/POST/DELETE /_sim/out_of_scope (see `set_out_of_scope`), GET/POST/DELETE /_sim/owners (see `set_owners`).
 
 `GET .../jobs/{jobId}/schema` answers synchronizationRules; `POST .../jobs/{jobId}/start` answers
 204 and sets the job Active (recorded: see `start_calls`).
@@ -35,13 +44,21 @@ import threading
 import time
 import uuid
 from collections import Counter, deque
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 from urllib.parse import parse_qs, unquote
 
 from .httpbase import SimHandler, SimServer, parse_json_body
 from .ratelimit import SlidingWindowLimiter, max_in_window, parse_rate
-from .responses import GOLDEN_DIR, generate_success, graph_error, load_golden, odata_context
+from .responses import (
+    CROSS_TENANT_TEMPLATE,
+    GOLDEN_DIR,
+    generate_success,
+    graph_error,
+    load_golden,
+    odata_context,
+)
 from .tokens import GRAPH_AUDIENCES, TokenError, TokenSigner, default_signer, unverified_claims
 
 VERSIONS = ("v1.0", "beta")
@@ -51,15 +68,6 @@ SUCCESS_CONTENT_TYPE = "application/json;odata.metadata=minimal;odata.streaming=
 WWW_AUTHENTICATE = ('Bearer realm="", authorization_uri="https://login.microsoftonline.com/common/oauth2/authorize", '
                     'client_id="00000003-0000-0000-c000-000000000000"')
 
-# Routes: (method, template segments, handler name). "{name}" segments capture the decoded segment.
-# Room for later: GET jobs/{jobId}/schema, POST jobs/{jobId}/start.
-_JOB = ("{version}", "servicePrincipals", "{servicePrincipalId}", "synchronization", "jobs", "{jobId}")
-ROUTES: list[tuple[str, tuple[str, ...], str]] = [
-    ("POST", _JOB + ("provisionOnDemand",), "provision_on_demand"),
-    ("GET", _JOB, "get_job"),
-    ("GET", _JOB + ("schema",), "get_schema"),
-    ("POST", _JOB + ("start",), "start_job"),
-]
 JOB_READ_ROLES = REQUIRED_ROLES | {"Synchronization.Read.All"}
 JOB_STATUS_CODES = ("NotConfigured", "NotRun", "Active", "Paused", "Quarantine")
 # What an Entra ID -> SCIM app job's schema holds: one rule mapping users and groups.
@@ -129,6 +137,13 @@ def _check_subject(subject: Any, where: str) -> None:
         if not isinstance(value, str) or not value.strip():
             raise BodyError("RequestParameterInvalid", f"The request parameter '{prop}' of {where} is invalid: "
                                                        "a non-empty string is required.")
+    _check_links(subject, where)
+
+
+def _check_links(subject: dict[str, Any], where: str) -> None:
+    """links as OData reads synchronizationLinkedObjects: members and owners are collections of
+    subjects, manager one subject, nothing else. What Graph does with ids it cannot resolve is not
+    documented, so ids are checked only for being there."""
     links = subject.get("links")
     if links is None:
         return
@@ -137,14 +152,39 @@ def _check_subject(subject: Any, where: str) -> None:
     _check_props(links, _LINK_PROPS, "synchronizationLinkedObjects")
     for prop in ("members", "owners"):
         items = links.get(prop)
-        if items is None:
-            continue
-        if not isinstance(items, list):
+        if items is not None and not isinstance(items, list):
             raise BodyError("BadRequest", f"{where}.links.{prop} must be a collection.")
-        for i, item in enumerate(items):
+        for i, item in enumerate(items or []):
             _check_subject(item, f"{where}.links.{prop}[{i}]")
     if links.get("manager") is not None:
         _check_subject(links["manager"], f"{where}.links.manager")
+
+
+def _check_parameter(param: Any, i: int) -> int:
+    """Check one synchronizationJobApplicationParameters; returns how many groups it holds."""
+    if not isinstance(param, dict):
+        raise BodyError("BadRequest", f"parameters[{i}] must be a synchronizationJobApplicationParameters object.")
+    _check_props(param, _PARAM_PROPS, "synchronizationJobApplicationParameters")
+    rule_id = param.get("ruleId")
+    if not isinstance(rule_id, str) or not rule_id.strip():
+        raise BodyError("RequestParameterInvalid",
+                        "The request parameter 'ruleId' is invalid: the synchronization rule id is required.")
+    subjects = param.get("subjects")
+    if not isinstance(subjects, list) or not subjects:
+        raise BodyError("RequestParameterInvalid",
+                        "The request parameter 'subjects' is invalid: at least one subject is required.")
+    groups = 0
+    for j, subject in enumerate(subjects):
+        where = f"parameters[{i}].subjects[{j}]"
+        _check_subject(subject, where)
+        if subject["objectTypeName"].lower() == "group":
+            groups += 1
+            members = (subject.get("links") or {}).get("members") or []
+            if len(members) > MAX_GROUP_MEMBERS:
+                raise BodyError("BadRequest",
+                                "The on-demand provisioning request API can only accept a single group with up "
+                                f"to {MAX_GROUP_MEMBERS} members at a time; {where} has {len(members)} members.")
+    return groups
 
 
 def validate_provision_body(body: Any) -> None:
@@ -161,29 +201,7 @@ def validate_provision_body(body: Any) -> None:
                                       "microsoft.graph.synchronizationJobApplicationParameters.")
     if not params:
         raise BodyError("RequestParameterInvalid", "The request parameter 'parameters' is invalid: it is empty.")
-    groups = 0
-    for i, param in enumerate(params):
-        if not isinstance(param, dict):
-            raise BodyError("BadRequest", f"parameters[{i}] must be a synchronizationJobApplicationParameters object.")
-        _check_props(param, _PARAM_PROPS, "synchronizationJobApplicationParameters")
-        rule_id = param.get("ruleId")
-        if not isinstance(rule_id, str) or not rule_id.strip():
-            raise BodyError("RequestParameterInvalid",
-                            "The request parameter 'ruleId' is invalid: the synchronization rule id is required.")
-        subjects = param.get("subjects")
-        if not isinstance(subjects, list) or not subjects:
-            raise BodyError("RequestParameterInvalid",
-                            "The request parameter 'subjects' is invalid: at least one subject is required.")
-        for j, subject in enumerate(subjects):
-            where = f"parameters[{i}].subjects[{j}]"
-            _check_subject(subject, where)
-            if subject["objectTypeName"].lower() == "group":
-                groups += 1
-                members = (subject.get("links") or {}).get("members") or []
-                if len(members) > MAX_GROUP_MEMBERS:
-                    raise BodyError("BadRequest",
-                                    "The on-demand provisioning request API can only accept a single group with up "
-                                    f"to {MAX_GROUP_MEMBERS} members at a time; {where} has {len(members)} members.")
+    groups = sum(_check_parameter(param, i) for i, param in enumerate(params))
     if groups > 1:
         raise BodyError("BadRequest", "The on-demand provisioning request API can only accept a single group "
                                       f"with up to {MAX_GROUP_MEMBERS} members at a time; {groups} groups were sent.")
@@ -232,6 +250,8 @@ class GraphSimulator(SimServer):
         self._script: dict[str, deque[dict[str, Any]]] = {}
         self._jobs: dict[tuple[str, str], dict[str, Any]] = {}
         self._schemas: dict[tuple[str, str], dict[str, Any]] = {}
+        self._out_of_scope: dict[str, int] = {}  # objectId -> calls still answered Skipped (NotEffectivelyEntitled)
+        self._owners: dict[str, list[str]] = {}  # servicePrincipalId -> object ids of its owners (OwnedBy check)
         self.throttled = 0  # 429s answered by the rate limiter (scripted 429s not included)
 
     # --- properties ----------------------------------------------------------------------------
@@ -325,6 +345,50 @@ class GraphSimulator(SimServer):
                 if key is not None and self._script.get(key):
                     return self._script[key].popleft()
         return None
+
+    # --- scope and ownership ------------------------------------------------------------------
+    def set_out_of_scope(self, object_id: str, calls: int = 1) -> dict[str, int]:
+        """The next `calls` provisionOnDemand calls for `object_id` come back Skipped with
+        NotEffectivelyEntitled, as while an assignment has not applied yet; then it is in scope."""
+        with self._lock:
+            self._out_of_scope[object_id] = int(calls)
+            return dict(self._out_of_scope)
+
+    def out_of_scope(self) -> dict[str, int]:
+        with self._lock:
+            return {k: v for k, v in self._out_of_scope.items() if v > 0}
+
+    def clear_out_of_scope(self) -> None:
+        with self._lock:
+            self._out_of_scope.clear()
+
+    def _take_out_of_scope(self, object_id: str | None) -> bool:
+        with self._lock:
+            left = self._out_of_scope.get(object_id or "", 0)
+            if left > 0:
+                self._out_of_scope[object_id or ""] = left - 1
+            return left > 0
+
+    def set_owners(self, service_principal_id: str, owners: Iterable[str]) -> dict[str, list[str]]:
+        """Who owns the service principal. A token holding only Application.ReadWrite.OwnedBy whose
+        `oid` is not listed gets Graph's 401 UnknownError with an empty message; service principals
+        without a list here accept OwnedBy as before."""
+        with self._lock:
+            self._owners[service_principal_id] = list(owners)
+            return copy.deepcopy(self._owners)
+
+    def owners(self) -> dict[str, list[str]]:
+        with self._lock:
+            return copy.deepcopy(self._owners)
+
+    def clear_owners(self) -> None:
+        with self._lock:
+            self._owners.clear()
+
+    def owns(self, service_principal_id: str, object_id: str | None) -> bool:
+        with self._lock:
+            owners = self._owners.get(service_principal_id)
+        return owners is None or object_id in owners
 
     # --- synchronization jobs ------------------------------------------------------------------
     def set_job(self, service_principal_id: str, job_id: str, *, code: str = "Active",
@@ -495,6 +559,91 @@ def _redact_headers(headers: Any) -> dict[str, str]:
     return out
 
 
+@dataclass
+class Call:
+    """One Graph request as a route handler sees it: parsed once, authenticated once."""
+
+    handler: "_GraphHandler"
+    record: dict[str, Any]
+    params: dict[str, str]
+    query: dict[str, str]
+    body: Any
+    body_error: str | None
+    claims: dict[str, Any] | None
+    auth_error: str | None
+    seen: dict[str, Any]
+    base_headers: dict[str, str]
+
+    @property
+    def sim(self) -> "GraphSimulator":
+        return self.handler.server
+
+    @property
+    def graph_root(self) -> str:
+        aud = (self.claims or {}).get("aud")
+        return aud if isinstance(aud, str) and aud.startswith("https://") else "https://graph.microsoft.com"
+
+    def error(self, status: int, code: str, message: str, extra: Mapping[str, Any] | None = None) -> None:
+        self.sim._update(self.record, status=status)
+        self.handler.send_json(status, graph_error(code, message, self.base_headers["request-id"],
+                                                   self.base_headers["client-request-id"]),
+                               headers={**self.base_headers, **(extra or {})})
+
+    def answer(self, status: int, payload: Any, content_type: str = "application/json") -> None:
+        self.sim._update(self.record, status=status)
+        self.handler.send_json(status, payload, headers=self.base_headers, content_type=content_type)
+
+    def deny_unauthenticated(self) -> bool:
+        """The shared 401: True (and answered) when the bearer token did not verify."""
+        if self.claims is not None:
+            return False
+        self.error(401, "InvalidAuthenticationToken", self.auth_error or "Access token validation failure.",
+                   {"WWW-Authenticate": WWW_AUTHENTICATE})
+        return True
+
+    def deny_without_role(self, roles: frozenset[str]) -> bool:
+        """The shared 403: True (and answered) when the token holds none of `roles`."""
+        held = (self.claims or {}).get("roles") or []
+        if roles.intersection(held if isinstance(held, list) else []):
+            return False
+        self.error(403, "Authorization_RequestDenied", "Insufficient privileges to complete the operation.")
+        return True
+
+    def deny(self, roles: frozenset[str]) -> bool:
+        return self.deny_unauthenticated() or self.deny_without_role(roles)
+
+    def deny_unknown_job(self, configured: bool) -> bool:
+        sp, job_id = self.params["servicePrincipalId"], self.params["jobId"]
+        known = self.sim.known_jobs
+        if configured or known is None or (sp, job_id) in known:
+            return False
+        self.error(404, "Request_ResourceNotFound", f"Resource '{sp}' or job '{job_id}' does not exist.")
+        return True
+
+    def deny_configured_failure(self, status: Any) -> bool:
+        if not status:
+            return False
+        status = int(status)
+        self.error(status, _STATUS_CODES.get(status, "UnknownError"), f"Configured {status} answer for this job.")
+        return True
+
+
+def _verify_token(authorization: str, sim: "GraphSimulator") -> tuple[dict[str, Any] | None, str | None, dict]:
+    """(verified claims or None, why not, the claims as seen even when unverified: for the log)."""
+    scheme, _, token = authorization.partition(" ")
+    token = token.strip()
+    seen = (unverified_claims(token) if token else None) or {}
+    if not authorization:
+        return None, "Access token is empty.", seen
+    if scheme.lower() != "bearer" or not token:
+        return None, "Access token validation failure: the Authorization header is not a Bearer token.", seen
+    try:
+        claims = sim.signer.decode(token, audiences=sim.audiences, leeway=sim.clock_skew)
+    except TokenError as exc:
+        return None, str(exc), seen
+    return claims, None, claims
+
+
 class _GraphHandler(SimHandler):
     server: GraphSimulator
 
@@ -537,280 +686,265 @@ class _GraphHandler(SimHandler):
         if raw_path.startswith("/_sim/"):
             self._admin(raw_path, query)
             return
+        call, route = self._parse(raw_path, query)
+        if route is None:
+            self._no_route(call, raw_path)
+            return
+        route.handler(call)
+
+    def _read_json(self) -> tuple[Any, str | None, str]:
+        text = self.read_body().decode("utf-8", errors="replace")
+        if not text.strip():
+            return None, None, text
+        try:
+            return json.loads(text), None, text
+        except ValueError as exc:
+            return None, str(exc), text
+
+    def _parse(self, raw_path: str, query: str) -> tuple[Call, "Route | None"]:
+        """Record the arrival and verify its token (acted on by each route in its own order)."""
         sim = self.server
-        raw_body = self.read_body()
-        body: Any = None
-        body_error = None
-        body_text = raw_body.decode("utf-8", errors="replace")
-        if raw_body.strip():
-            try:
-                body = json.loads(body_text)
-            except ValueError as exc:
-                body_error = str(exc)
+        body, body_error, body_text = self._read_json()
         segments_raw = raw_path.split("/")[1:] if raw_path.startswith("/") else [raw_path]
         segments = [unquote(s) for s in segments_raw]
-        route, params, path_matches = self._match(segments)
+        route, params = _match(self.command, segments)
         request_id = str(uuid.uuid4())
         client_request_id = self.headers.get("client-request-id") or request_id
         record: dict[str, Any] = {
-            "seq": 0,
-            "arrival": self.arrival,
-            "wall_time": self.arrival_wall,
-            "method": self.command,
-            "raw_path": raw_path,
-            "raw_target": self.raw_target,
-            "query": query,
-            "segments": segments,
-            "route": route,
-            "version": params.get("version"),
-            "servicePrincipalId": params.get("servicePrincipalId"),
-            "jobId": params.get("jobId"),
-            "headers": _redact_headers(self.headers),
-            "body": body,
-            "raw_body": body_text if body_error is not None else None,
-            "objectId": first_object_id(body),
-            "tid": None,
-            "auth": None,
-            "status": None,
-            "reset": False,
-            "scripted": False,
-            "counted": False,
-            "throttled": False,
-            "request_id": request_id,
-            "client_request_id": client_request_id,
+            "seq": 0, "arrival": self.arrival, "wall_time": self.arrival_wall, "method": self.command,
+            "raw_path": raw_path, "raw_target": self.raw_target, "query": query, "segments": segments,
+            "route": route.name if isinstance(route, Route) else None, "version": params.get("version"),
+            "servicePrincipalId": params.get("servicePrincipalId"), "jobId": params.get("jobId"),
+            "headers": _redact_headers(self.headers), "body": body,
+            "raw_body": body_text if body_error is not None else None, "objectId": first_object_id(body),
+            "tid": None, "auth": None, "status": None, "reset": False, "scripted": False, "counted": False,
+            "throttled": False, "request_id": request_id, "client_request_id": client_request_id,
         }
         sim._append(record)
-        base_headers = {"request-id": request_id, "client-request-id": client_request_id}
-
-        def error(status: int, code: str, message: str, extra: Mapping[str, Any] | None = None) -> None:
-            sim._update(record, status=status)
-            self.send_json(status, graph_error(code, message, request_id, client_request_id),
-                           headers={**base_headers, **(extra or {})})
-
-        if route is None:
-            if path_matches:
-                error(405, "Request_BadRequest",
-                      f"The request method '{self.command}' is not allowed for the resource.")
-            else:
-                error(404, "Request_ResourceNotFound", f"Resource not found for the path '{raw_path}'.")
-            return
-
-        # Token (verified now, acted on after the script).
-        claims: dict[str, Any] | None = None
-        auth_error = None
-        authorization = self.headers.get("Authorization") or ""
-        scheme, _, token = authorization.partition(" ")
-        if not authorization:
-            auth_error = "Access token is empty."
-        elif scheme.lower() != "bearer" or not token.strip():
-            auth_error = "Access token validation failure: the Authorization header is not a Bearer token."
-        else:
-            try:
-                claims = sim.signer.decode(token.strip(), audiences=sim.audiences, leeway=sim.clock_skew)
-            except TokenError as exc:
-                auth_error = str(exc)
-        seen = claims or (unverified_claims(token.strip()) if token else None) or {}
-        tid = claims.get("tid") if claims else None
-        sim._update(record, tid=tid, auth={
+        claims, auth_error, seen = _verify_token(self.headers.get("Authorization") or "", sim)
+        sim._update(record, tid=claims.get("tid") if claims else None, auth={
             "valid": claims is not None, "error": auth_error,
             "aud": seen.get("aud"), "tid": seen.get("tid"), "appid": seen.get("appid"),
             "roles": seen.get("roles"), "exp": seen.get("exp"),
         })
+        call = Call(self, record, params, {k: v[-1] for k, v in parse_qs(query).items()}, body, body_error,
+                    claims, auth_error, seen,
+                    {"request-id": request_id, "client-request-id": client_request_id})
+        return call, route if isinstance(route, Route) else None
 
-        if route == "get_job":
-            self._get_job(record, params, claims, auth_error, base_headers, error)
-            return
-        if route in ("get_schema", "start_job"):
-            self._job_action(route, record, params, claims, auth_error, base_headers, error)
-            return
-
-        # 3. Fault script.
-        answer = sim._pop_script(record["objectId"])
-        if answer is not None:
-            sim.limiter.record(tid or seen.get("tid") or "unknown", self.arrival)
-            sim._update(record, scripted=True, counted=True)
-            self._scripted(answer, record, params, body, base_headers)
-            return
-
-        # 4. Authentication (failures are not counted toward the rate window).
-        if claims is None:
-            error(401, "InvalidAuthenticationToken", auth_error or "Access token validation failure.",
-                  {"WWW-Authenticate": WWW_AUTHENTICATE})
-            return
-
-        # 5. Rate limit at arrival time.
-        admitted, retry_after, counted = sim.limiter.admit(tid, self.arrival)
-        sim._update(record, counted=counted)
-        if not admitted:
-            with sim._lock:
-                sim.throttled += 1
-            sim._update(record, throttled=True)
-            error(429, "TooManyRequests",
-                  "Too many requests: provisionOnDemand allows "
-                  f"{sim.rate_calls} requests per {sim.rate_window:g} seconds. Retry after {retry_after} seconds.",
-                  {"Retry-After": str(retry_after)})
-            return
-
-        # 6. Permissions.
-        roles = claims.get("roles") or []
-        if not REQUIRED_ROLES.intersection(roles if isinstance(roles, list) else []):
-            sim._sleep_latency()
-            error(403, "Authorization_RequestDenied", "Insufficient privileges to complete the operation.")
-            return
-
-        # 7. Body.
-        if body_error is not None:
-            sim._sleep_latency()
-            error(400, "BadRequest", f"Unable to read JSON request payload. Please ensure Content-Type header is "
-                                     f"set and payload is of valid JSON format. ({body_error})")
-            return
-        try:
-            validate_provision_body(body)
-        except BodyError as exc:
-            sim._sleep_latency()
-            error(400, exc.code, exc.message)
-            return
-        if sim.known_jobs is not None and (params["servicePrincipalId"], params["jobId"]) not in sim.known_jobs:
-            sim._sleep_latency()
-            error(404, "Request_ResourceNotFound",
-                  f"Resource '{params['servicePrincipalId']}' or job '{params['jobId']}' does not exist.")
-            return
-
-        # 8. Success.
-        sim._sleep_latency(record)
-        self._success(record, params, body, base_headers, claims)
-
-    def _get_job(self, record: dict[str, Any], params: dict[str, str], claims: Mapping[str, Any] | None,
-                 auth_error: str | None, base_headers: dict[str, str], error: Any) -> None:
-        sim = self.server
-        sp, job_id = params["servicePrincipalId"], params["jobId"]
-        if claims is None:
-            error(401, "InvalidAuthenticationToken", auth_error or "Access token validation failure.",
-                  {"WWW-Authenticate": WWW_AUTHENTICATE})
-            return
-        roles = claims.get("roles") or []
-        if not JOB_READ_ROLES.intersection(roles if isinstance(roles, list) else []):
-            error(403, "Authorization_RequestDenied", "Insufficient privileges to complete the operation.")
-            return
-        cfg = sim._job_config(sp, job_id)
-        if cfg is None and sim.known_jobs is not None and (sp, job_id) not in sim.known_jobs:
-            error(404, "Request_ResourceNotFound", f"Resource '{sp}' or job '{job_id}' does not exist.")
-            return
-        if cfg is not None and cfg.get("http_status"):
-            status = int(cfg["http_status"])
-            error(status, _STATUS_CODES.get(status, "UnknownError"), f"Configured {status} answer for this job.")
-            return
-        aud = claims.get("aud")
-        root = aud if isinstance(aud, str) and aud.startswith("https://") else "https://graph.microsoft.com"
-        payload = {"@odata.context": f"{root}/{params['version']}/$metadata#servicePrincipals('{sp}')"
-                                     "/synchronization/jobs/$entity", **sim.job(sp, job_id)}
-        sim._update(record, status=200)
-        self.send_json(200, payload, headers=base_headers)
-
-    def _job_action(self, route: str, record: dict[str, Any], params: dict[str, str],
-                    claims: Mapping[str, Any] | None, auth_error: str | None, base_headers: dict[str, str],
-                    error: Any) -> None:
-        """GET .../schema and POST .../start: like GET job, neither scripted nor rate limited."""
-        sim = self.server
-        sp, job_id = params["servicePrincipalId"], params["jobId"]
-        if claims is None:
-            error(401, "InvalidAuthenticationToken", auth_error or "Access token validation failure.",
-                  {"WWW-Authenticate": WWW_AUTHENTICATE})
-            return
-        roles = claims.get("roles") or []
-        allowed = JOB_READ_ROLES if route == "get_schema" else REQUIRED_ROLES
-        if not allowed.intersection(roles if isinstance(roles, list) else []):
-            error(403, "Authorization_RequestDenied", "Insufficient privileges to complete the operation.")
-            return
-        job_cfg = sim._job_config(sp, job_id)
-        with sim._lock:
-            schema_cfg = copy.deepcopy(sim._schemas.get((sp, job_id)))
-        known = job_cfg is not None or schema_cfg is not None
-        if not known and sim.known_jobs is not None and (sp, job_id) not in sim.known_jobs:
-            error(404, "Request_ResourceNotFound", f"Resource '{sp}' or job '{job_id}' does not exist.")
-            return
-        failing = (schema_cfg or {}).get("http_status") if route == "get_schema" else (job_cfg or {}).get("http_status")
-        if failing:
-            status = int(failing)
-            error(status, _STATUS_CODES.get(status, "UnknownError"), f"Configured {status} answer for this job.")
-            return
-        if route == "get_schema":
-            sim._update(record, status=200)
-            self.send_json(200, sim.schema(sp, job_id), headers=base_headers)
-            return
-        # Start clears quarantine and resumes a paused job.
-        current = job_cfg or {}
-        sim.set_job(sp, job_id, code="Active", template_id=current.get("templateId"),
-                    schedule=None)
-        sim._update(record, status=204)
-        self.send_bytes(204, b"", content_type=None, headers=base_headers)
-
-    def _match(self, segments: list[str]) -> tuple[str | None, dict[str, str], bool]:
-        """(route name or None, captured params, whether the path matched some route for another method)."""
-        path_matches = False
-        for method, template, name in ROUTES:
-            if len(template) != len(segments):
-                continue
-            params: dict[str, str] = {}
-            for tpl, seg in zip(template, segments):
-                if tpl.startswith("{"):
-                    if tpl == "{version}" and seg not in VERSIONS:
-                        break
-                    params[tpl[1:-1]] = seg
-                elif tpl != seg:
-                    break
-            else:
-                if method == self.command:
-                    return name, params, True
-                path_matches = True
-        return None, {}, path_matches
-
-    def _success(self, record: dict[str, Any], params: dict[str, str], body: Any,
-                 base_headers: dict[str, str], claims: Mapping[str, Any] | None) -> None:
-        sim = self.server
-        golden = sim.golden.get(record["objectId"] or "")
-        if golden is not None:
-            payload = golden["response"]
+    def _no_route(self, call: Call, raw_path: str) -> None:
+        if _path_known(call.record["segments"]):
+            call.error(405, "Request_BadRequest", f"The request method '{self.command}' is not allowed for the resource.")
         else:
-            aud = (claims or {}).get("aud")
-            root = aud if isinstance(aud, str) and aud.startswith("https://") else "https://graph.microsoft.com"
-            subject = body["parameters"][0]["subjects"][0]
-            payload = {"@odata.context": odata_context(root, params.get("version") or "v1.0"),
-                       **generate_success(subject)}
-        sim._update(record, status=200)
-        self.send_json(200, payload, headers=base_headers, content_type=SUCCESS_CONTENT_TYPE)
+            call.error(404, "Request_ResourceNotFound", f"Resource not found for the path '{raw_path}'.")
 
-    def _scripted(self, answer: dict[str, Any], record: dict[str, Any], params: dict[str, str], body: Any,
-                  base_headers: dict[str, str]) -> None:
-        sim = self.server
-        delay = float(answer.get("delay") or 0)
-        if delay > 0:
-            time.sleep(delay)
-        if answer.get("reset"):
-            sim._update(record, reset=True)
-            self.reset_connection()
-            return
-        status = int(answer.get("status", 200))
-        headers = {**base_headers, **(answer.get("headers") or {})}
-        if "key" in answer or "value" in answer:
-            payload = {
-                "@odata.context": odata_context("https://graph.microsoft.com", params.get("version") or "v1.0"),
-                "key": answer.get("key", ""),
-                "value": answer.get("value", ""),
-            }
-            raw = json.dumps(payload).encode("utf-8")
-        elif "body" in answer:
-            b = answer["body"]
-            raw = b.encode("utf-8") if isinstance(b, str) else json.dumps(b).encode("utf-8")
-        elif status == 200 and first_object_id(body) is not None:
-            self._success(record, params, body, base_headers, None)
-            return
-        else:
-            code = _STATUS_CODES.get(status, "UnknownError")
-            raw = json.dumps(graph_error(code, f"Scripted {status} answer.", base_headers["request-id"],
-                                         base_headers["client-request-id"])).encode("utf-8")
-        sim._update(record, status=status)
-        self.send_bytes(status, raw, content_type="application/json", headers=headers)
+
+def _match_template(template: tuple[str, ...], segments: list[str]) -> dict[str, str] | None:
+    if len(template) != len(segments):
+        return None
+    params: dict[str, str] = {}
+    for tpl, seg in zip(template, segments):
+        if tpl.startswith("{"):
+            if tpl == "{version}" and seg not in VERSIONS:
+                return None
+            params[tpl[1:-1]] = seg
+        elif tpl != seg:
+            return None
+    return params
+
+
+def _match(method: str, segments: list[str]) -> tuple["Route | None", dict[str, str]]:
+    for route in ROUTES:
+        params = _match_template(route.template, segments)
+        if params is not None and route.method == method:
+            return route, params
+    return None, {}
+
+
+def _path_known(segments: list[str]) -> bool:
+    """Whether some route serves this path with another method (405 rather than 404)."""
+    return any(_match_template(route.template, segments) is not None for route in ROUTES)
+
+
+# --- route handlers ------------------------------------------------------------------------------
+def provision_on_demand(call: Call) -> None:
+    """Script, then 401, then the rate window, then 403, then the body (see the module docstring)."""
+    sim = call.sim
+    answer = sim._pop_script(call.record["objectId"])
+    if answer is not None:
+        sim.limiter.record((call.claims or {}).get("tid") or call.seen.get("tid") or "unknown", call.handler.arrival)
+        sim._update(call.record, scripted=True, counted=True)
+        _scripted(call, answer)
+        return
+    if call.deny_unauthenticated() or _throttled(call):
+        return
+    if call.deny_without_role(REQUIRED_ROLES) or _deny_not_owner(call):
+        sim._sleep_latency()
+        return
+    if _body_rejected(call) or call.deny_unknown_job(False):
+        sim._sleep_latency()
+        return
+    sim._sleep_latency(call.record)
+    _success(call)
+
+
+def _deny_not_owner(call: Call) -> bool:
+    """Application.ReadWrite.OwnedBy works only for an owner of the service principal (the
+    enterprise app, not the app registration); Graph answers anyone else 401 UnknownError with an
+    empty message."""
+    roles = (call.claims or {}).get("roles") or []
+    if "Synchronization.ReadWrite.All" in roles or call.sim.owns(call.params["servicePrincipalId"],
+                                                                 (call.claims or {}).get("oid")):
+        return False
+    call.error(401, "UnknownError", "")
+    return True
+
+
+def _throttled(call: Call) -> bool:
+    sim = call.sim
+    admitted, retry_after, counted = sim.limiter.admit(call.claims["tid"], call.handler.arrival)
+    sim._update(call.record, counted=counted)
+    if admitted:
+        return False
+    with sim._lock:
+        sim.throttled += 1
+    sim._update(call.record, throttled=True)
+    call.error(429, "TooManyRequests",
+               "Too many requests: provisionOnDemand allows "
+               f"{sim.rate_calls} requests per {sim.rate_window:g} seconds. Retry after {retry_after} seconds.",
+               {"Retry-After": str(retry_after)})
+    return True
+
+
+def _body_rejected(call: Call) -> bool:
+    if call.body_error is not None:
+        call.error(400, "BadRequest", "Unable to read JSON request payload. Please ensure Content-Type header is "
+                                      f"set and payload is of valid JSON format. ({call.body_error})")
+        return True
+    try:
+        validate_provision_body(call.body)
+    except BodyError as exc:
+        call.error(400, exc.code, exc.message)
+        return True
+    return False
+
+
+@dataclass(frozen=True)
+class _Job:
+    sp: str
+    job_id: str
+    cfg: dict[str, Any] | None  # set_job's configuration
+    schema: dict[str, Any] | None  # set_schema's configuration
+
+
+def _checked_job(call: Call, roles: frozenset[str], *, schema_makes_it_known: bool, failing: str) -> _Job | None:
+    """The job once the shared auth checks pass, the job is known and its configured failure
+    (`failing`: "cfg" or "schema") is not set; None when one of them answered already."""
+    if call.deny(roles):
+        return None
+    sp, job_id = call.params["servicePrincipalId"], call.params["jobId"]
+    with call.sim._lock:
+        schema = copy.deepcopy(call.sim._schemas.get((sp, job_id)))
+    job = _Job(sp, job_id, call.sim._job_config(sp, job_id), schema)
+    known = job.cfg is not None or (schema_makes_it_known and job.schema is not None)
+    if call.deny_unknown_job(known) or call.deny_configured_failure((getattr(job, failing) or {}).get("http_status")):
+        return None
+    return job
+
+
+def get_job(call: Call) -> None:
+    job = _checked_job(call, JOB_READ_ROLES, schema_makes_it_known=False, failing="cfg")
+    if job is not None:
+        call.answer(200, {"@odata.context": f"{call.graph_root}/{call.params['version']}/$metadata#servicePrincipals"
+                                            f"('{job.sp}')/synchronization/jobs/$entity", **call.sim.job(job.sp, job.job_id)})
+
+
+def get_schema(call: Call) -> None:
+    """Like GET job: neither scripted nor rate limited."""
+    job = _checked_job(call, JOB_READ_ROLES, schema_makes_it_known=True, failing="schema")
+    if job is not None:
+        call.answer(200, call.sim.schema(job.sp, job.job_id))
+
+
+def start_job(call: Call) -> None:
+    """Start clears quarantine and resumes a paused job; neither scripted nor rate limited."""
+    job = _checked_job(call, REQUIRED_ROLES, schema_makes_it_known=True, failing="cfg")
+    if job is None:
+        return
+    call.sim.set_job(job.sp, job.job_id, code="Active", template_id=(job.cfg or {}).get("templateId"), schedule=None)
+    call.sim._update(call.record, status=204)
+    call.handler.send_bytes(204, b"", content_type=None, headers=call.base_headers)
+
+
+def _success(call: Call) -> None:
+    sim = call.sim
+    in_scope = not sim._take_out_of_scope(call.record["objectId"])
+    golden = sim.golden.get(call.record["objectId"] or "")
+    if golden is not None and in_scope:
+        payload = golden["response"]
+    else:
+        subject = call.body["parameters"][0]["subjects"][0]
+        job = sim._job_config(call.params["servicePrincipalId"], call.params["jobId"]) or {}
+        payload = {"@odata.context": odata_context(call.graph_root, call.params.get("version") or "v1.0"),
+                   **generate_success(subject, status_info=job.get("templateId") == CROSS_TENANT_TEMPLATE,
+                                      in_scope=in_scope)}
+    call.answer(200, payload, content_type=SUCCESS_CONTENT_TYPE)
+
+
+def _scripted_bytes(call: Call, answer: dict[str, Any], status: int) -> bytes | None:
+    """The scripted body, or None for a 200 that gets the normal answer."""
+    if "key" in answer or "value" in answer:
+        return json.dumps({
+            "@odata.context": odata_context("https://graph.microsoft.com", call.params.get("version") or "v1.0"),
+            "key": answer.get("key", ""), "value": answer.get("value", ""),
+        }).encode("utf-8")
+    if "body" in answer:
+        b = answer["body"]
+        return b.encode("utf-8") if isinstance(b, str) else json.dumps(b).encode("utf-8")
+    if status == 200 and first_object_id(call.body) is not None:
+        return None
+    code = _STATUS_CODES.get(status, "UnknownError")
+    return json.dumps(graph_error(code, f"Scripted {status} answer.", call.base_headers["request-id"],
+                                  call.base_headers["client-request-id"])).encode("utf-8")
+
+
+def _scripted(call: Call, answer: dict[str, Any]) -> None:
+    delay = float(answer.get("delay") or 0)
+    if delay > 0:
+        time.sleep(delay)
+    if answer.get("reset"):
+        call.sim._update(call.record, reset=True)
+        call.handler.reset_connection()
+        return
+    status = int(answer.get("status", 200))
+    raw = _scripted_bytes(call, answer, status)
+    if raw is None:
+        _success(call)
+        return
+    call.sim._update(call.record, status=status)
+    call.handler.send_bytes(status, raw, content_type="application/json",
+                            headers={**call.base_headers, **(answer.get("headers") or {})})
+
+
+@dataclass(frozen=True)
+class Route:
+    method: str
+    template: tuple[str, ...]  # "{name}" segments capture the decoded segment into Call.params
+    handler: Callable[[Call], None]
+
+    @property
+    def name(self) -> str:
+        return self.handler.__name__
+
+
+# One line per route; each handler applies the shared auth checks (Call.deny*) in its own order.
+_JOB = ("{version}", "servicePrincipals", "{servicePrincipalId}", "synchronization", "jobs", "{jobId}")
+ROUTES: list[Route] = [
+    Route("POST", _JOB + ("provisionOnDemand",), provision_on_demand),
+    Route("GET", _JOB, get_job),
+    Route("GET", _JOB + ("schema",), get_schema),
+    Route("POST", _JOB + ("start",), start_job),
+]
 
 
 def _object(body: Any) -> dict[str, Any]:
@@ -863,6 +997,16 @@ ADMIN_ROUTES: dict[tuple[str, str], Callable[[GraphSimulator, Any, dict[str, str
         _object(body)["servicePrincipalId"], body["jobId"], code=body.get("code", "Active"),
         quarantine=body.get("quarantine"), template_id=body.get("templateId"),
         schedule=body.get("schedule"), http_status=body.get("httpStatus")),
+    # {"objectId", "calls"?}: the next `calls` (1) calls for it answer Skipped / NotEffectivelyEntitled.
+    ("/_sim/out_of_scope", "GET"): lambda sim, body, query: sim.out_of_scope(),
+    ("/_sim/out_of_scope", "POST"): lambda sim, body, query: sim.set_out_of_scope(
+        _object(body)["objectId"], body.get("calls", 1)),
+    ("/_sim/out_of_scope", "DELETE"): _then(GraphSimulator.clear_out_of_scope, GraphSimulator.out_of_scope),
+    # {"servicePrincipalId", "owners": [oid, ...]}: OwnedBy tokens of anyone else get 401 UnknownError.
+    ("/_sim/owners", "GET"): lambda sim, body, query: sim.owners(),
+    ("/_sim/owners", "POST"): lambda sim, body, query: sim.set_owners(
+        _object(body)["servicePrincipalId"], body["owners"]),
+    ("/_sim/owners", "DELETE"): _then(GraphSimulator.clear_owners, GraphSimulator.owners),
     ("/_sim/schemas", "GET"): lambda sim, body, query: sim.configured_schemas(),
     ("/_sim/schemas", "DELETE"): _then(GraphSimulator.clear_schemas, GraphSimulator.configured_schemas),
     # {"servicePrincipalId", "jobId", "synchronizationRules"?, "httpStatus"?}

@@ -2,7 +2,11 @@
 
 - The three documented examples (`golden/example*.json`) are served verbatim when the first
   subject's objectId matches the example's.
-- Anything else gets a generated, realistic Success (action "Create") in the shape of example 1.
+- Anything else gets a generated, realistic Success (action "Create") in the shape of example 1,
+  or, for a cross-tenant synchronization job (templateId Azure2Azure), in the StatusInfo shape of
+  Microsoft's cross-tenant synchronization tutorial: `key` the literal STATUS_INFO_KEY, `value` a
+  JSON array `[{"provisioningSteps": [...]}]` (golden/statusinfo_tutorial.json).
+- A subject not in scope yet gets Skipped / NotEffectivelyEntitled, in either shape.
 - Graph error bodies (`{"error": {"code", "message", "innerError": {...}}}`).
 """
 from __future__ import annotations
@@ -16,6 +20,10 @@ from typing import Any
 GOLDEN_DIR = Path(__file__).resolve().parent / "golden"
 GRAPH_APP_ID = "00000003-0000-0000-c000-000000000000"
 STRING_PAIR_TYPE = "microsoft.graph.stringKeyStringValuePair"
+STATUS_INFO_KEY = "Microsoft.Identity.Health.CPP.Common.DataContracts.SyncFabric.StatusInfo"
+CROSS_TENANT_TEMPLATE = "Azure2Azure"  # the templateId of cross-tenant synchronization jobs
+NOT_ENTITLED_MESSAGE = ("The {kind} '{who}' will be skipped due to the following reasons: 1) This object is not assigned "
+                        "to the application. 2) This object does not have required entitlement for provisioning.")
 
 _SIM_NAMESPACE = uuid.UUID("9a1c4f3e-7b2d-4e8a-b6c1-0d2e3f4a5b6c")
 
@@ -93,13 +101,57 @@ def _names(object_id: str, type_name: str) -> tuple[str, str, str]:
     return f"User {short}", f"user{short}", f"user{short}@contoso.com"
 
 
-def generate_success(subject: dict[str, Any], now: datetime | None = None) -> dict[str, str]:
-    """A Success/Create result for one subject: {"key": <JSON string>, "value": <JSON string>}."""
+def _import_steps(kind: str, reportable: str, flow: dict[str, str], source_attrs: dict[str, str],
+                  stamps: list[datetime]) -> list[dict[str, Any]]:
+    return [
+        {
+            "name": "EntryImport", "type": "Import", "status": "Success",
+            "description": f"Retrieved {kind} '{reportable}' from {flow['source']}",
+            "timestamp": iso7(stamps[0]), "details": dict(source_attrs),
+        },
+        {
+            "name": "EntryImport", "type": "Matching", "status": "Success",
+            "description": f"{kind} '{reportable}' was not found in {flow['target']}; a new {kind} will be created",
+            "timestamp": iso7(stamps[1]), "details": {},
+        },
+    ]
+
+
+def _outcome_steps(kind: str, reportable: str, flow: dict[str, str], target_id: str, stamps: list[datetime],
+                   in_scope: bool) -> list[dict[str, Any]]:
+    if not in_scope:
+        return [{
+            "name": "EntrySynchronizationSkip", "type": "Export", "status": "Skipped",
+            "description": NOT_ENTITLED_MESSAGE.format(kind=kind, who=reportable),
+            "timestamp": iso7(stamps[2]), "details": {"SkipReason": "NotEffectivelyEntitled"},
+        }]
+    return [
+        {
+            "name": "EntrySynchronizationScoping", "type": "Scoping", "status": "Success",
+            "description": f"Determine if {kind} in scope by evaluating against each scoping filter",
+            "timestamp": iso7(stamps[2]),
+            "details": {"Active in the source system": "True", "Assigned to the application": "True",
+                        "Scoping filter evaluation passed": "True"},
+        },
+        {
+            "name": "EntryExportAdd", "type": "Export", "status": "Success",
+            "description": f"{kind} '{reportable}' was created in {flow['target']}",
+            "timestamp": iso7(stamps[3]), "details": {"ReportableIdentifier": reportable, "id": target_id},
+        },
+    ]
+
+
+def generate_success(subject: dict[str, Any], now: datetime | None = None, *, status_info: bool = False,
+                     in_scope: bool = True) -> dict[str, str]:
+    """A Create result for one subject: {"key": <JSON string>, "value": <JSON string>}; Skipped
+    (NotEffectivelyEntitled) when not `in_scope`; in the StatusInfo shape when `status_info`."""
     type_name = str(subject.get("objectTypeName", "User"))
     object_id = str(subject.get("objectId", ""))
     links = subject.get("links") or {}
-    key = json.dumps({"result": "Success", "details": {}}, separators=(",", ":"))
-    if type_name.lower() == "group" and links.get("members"):
+    result = "Success" if in_scope else "Skipped"
+    details = {} if in_scope else {"errorCode": "NotEffectivelyEntitled"}
+    key = json.dumps({"result": result, "details": details}, separators=(",", ":"))
+    if type_name.lower() == "group" and links.get("members") and in_scope and not status_info:
         return {"key": key, "value": "{}"}  # like example 3
 
     flow = _FLOWS.get(type_name) or dict(_FLOWS["User"], source_type=type_name, kind=type_name)
@@ -116,32 +168,12 @@ def generate_success(subject: dict[str, Any], now: datetime | None = None) -> di
         source_attrs["userPrincipalName"] = reportable
     source_attrs["IsSoftDeleted"] = "False"
     kind = flow["kind"]
-    steps = [
-        {
-            "name": "EntryImport", "type": "Import", "status": "Success",
-            "description": f"Retrieved {kind} '{reportable}' from {flow['source']}",
-            "timestamp": iso7(stamps[0]), "details": dict(source_attrs),
-        },
-        {
-            "name": "EntryImport", "type": "Matching", "status": "Success",
-            "description": f"{kind} '{reportable}' was not found in {flow['target']}; a new {kind} will be created",
-            "timestamp": iso7(stamps[1]), "details": {},
-        },
-        {
-            "name": "EntrySynchronizationScoping", "type": "Scoping", "status": "Success",
-            "description": f"Determine if {kind} in scope by evaluating against each scoping filter",
-            "timestamp": iso7(stamps[2]),
-            "details": {"Active in the source system": "True", "Assigned to the application": "True",
-                        "Scoping filter evaluation passed": "True"},
-        },
-        {
-            "name": "EntryExportAdd", "type": "Export", "status": "Success",
-            "description": f"{kind} '{reportable}' was created in {flow['target']}",
-            "timestamp": iso7(stamps[3]), "details": {"ReportableIdentifier": reportable, "id": target_id},
-        },
-    ]
+    steps = (_import_steps(kind, reportable, flow, source_attrs, stamps)
+             + _outcome_steps(kind, reportable, flow, target_id, stamps, in_scope))
+    if status_info:
+        return {"key": STATUS_INFO_KEY, "value": json.dumps([{"provisioningSteps": steps}], separators=(",", ":"))}
     value = {
-        "action": "Create",
+        "action": "Create" if in_scope else "Other",
         "changeId": str(uuid.uuid4()),
         "endTime": iso7(stamps[4]),
         "modifiedProperties": [
@@ -150,8 +182,8 @@ def generate_success(subject: dict[str, Any], now: datetime | None = None) -> di
         "provisioningSteps": steps,
         "reportableIdentifier": reportable,
         "startTime": iso7(stamps[0]),
-        "statusInfo": {"status": "Success", "errorCode": None, "reason": None, "additionalDetails": None,
-                       "errorCategory": None, "recommendedAction": None},
+        "statusInfo": {"status": result, "errorCode": details.get("errorCode"), "reason": None,
+                       "additionalDetails": None, "errorCategory": None, "recommendedAction": None},
         "sourceIdentity": {"id": source_id, "type": flow["source_type"], "displayName": display, "details": None},
         "sourceSystem": {"id": None, "name": flow["source"], "details": None},
         "targetIdentity": {"id": target_id, "type": flow["target_type"], "displayName": display, "details": None},

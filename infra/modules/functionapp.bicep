@@ -1,5 +1,8 @@
 // The Function App on a Flex Consumption plan, running as the user-assigned identity for everything:
 // the host's storage, the deployment package, Application Insights, Graph and log ingestion.
+// siteConfig holds only what Flex Consumption supports, as in Microsoft's azd Flex quickstart: ARM
+// rejects ftpsState on a Flex site (error 51021), and Flex documents no http20Enabled or cors
+// (https://learn.microsoft.com/azure/azure-functions/functions-app-settings#flex-consumption-plan-deprecations).
 param name string
 param planName string
 param location string
@@ -10,15 +13,19 @@ param identityId string
 param storageBlobEndpoint string
 param deploymentContainerName string
 
-@allowed(['3.11', '3.12'])
-param pythonVersion string = '3.11'
+// Python versions Flex Consumption runs; Microsoft's azd Flex quickstart pins 3.12:
+// https://learn.microsoft.com/azure/azure-functions/flex-consumption-plan#supported-language-stack-versions
+@allowed(['3.12', '3.13'])
+param pythonVersion string = '3.12'
 
+// Flex Consumption's instance sizes (docs/deploy.md, "Cost", says why 512):
+// https://learn.microsoft.com/azure/azure-functions/flex-consumption-plan#instance-sizes
 @allowed([512, 2048, 4096])
-param instanceMemoryMB int = 2048
+param instanceMemoryMB int = 512
 
 @minValue(1)
 @maxValue(1000)
-param maximumInstanceCount int = 40
+param maximumInstanceCount int = 10
 
 @description('App settings; the module adds nothing of its own, so main.bicep is the one list to read.')
 @secure() // it carries WEBHOOK_HMAC_SECRET and REDACT_PII_SALT: keep them out of deployment history
@@ -60,13 +67,11 @@ resource site 'Microsoft.Web/sites@2024-04-01' = {
     publicNetworkAccess: 'Enabled'
     //checkov:skip=CKV_AZURE_212:Flex Consumption scales instances on demand (no fixed instance count to set a failover minimum on).
     //checkov:skip=CKV_AZURE_213:App Service health-check instance eviction does not apply to Flex Consumption; GET /api/health is there for external availability tests.
+    //checkov:skip=CKV_AZURE_78:Flex Consumption rejects siteConfig.ftpsState (ARM error 51021) and deploys only from its blob container: there is no FTP endpoint to turn off.
+    //checkov:skip=CKV_AZURE_18:http20Enabled is not a Flex Consumption site property (Microsoft's azd Flex quickstart sets none), so the template leaves HTTP versions to the platform.
     siteConfig: {
+      //checkov:skip=CKV_AZURE_67:Same as CKV_AZURE_18 for function apps: http20Enabled is not a Flex Consumption site property.
       minTlsVersion: '1.2'
-      ftpsState: 'Disabled'
-      http20Enabled: true
-      cors: {
-        allowedOrigins: []
-      }
       appSettings: [for setting in items(appSettings): {
         name: setting.key
         value: setting.value
@@ -94,6 +99,7 @@ resource site 'Microsoft.Web/sites@2024-04-01' = {
       }
     }
   }
+
 }
 
 output name string = site.name

@@ -63,9 +63,10 @@ resource dcr 'Microsoft.Insights/dataCollectionRules@2023-03-11' = {
         }
       ]
     }
-    dataFlows: dcrDefinition.properties.dataFlows
+    // The output stream named after the table resource, as well as dependsOn: ARM fails a DCR whose
+    // output table it cannot see yet (InvalidOutputTable), so the DCR must wait for the table.
+    dataFlows: [for flow in dcrDefinition.properties.dataFlows: union(flow, { outputStream: 'Custom-${resultsTable.name}' })]
   }
-  // The output stream must exist as a table before the DCR that writes to it.
   dependsOn: [resultsTable]
 }
 

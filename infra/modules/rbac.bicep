@@ -1,12 +1,9 @@
-// Data-plane roles for the app's identity, each on the smallest scope that works: blob containers,
-// whose names are fixed, one by one; the account for queues and tables, whose names the app and
-// the host make up at run time; the DCR and the Application Insights component for telemetry.
-// The storage account holds nothing but this app's state, so account scope is still app scope.
+// Data-plane roles for the app's identity, each on the smallest scope that works: the storage
+// account for blobs, queues and tables, whose containers, queues and tables the host and the app
+// create at run time; the DCR and the Application Insights component for telemetry. The storage
+// account holds nothing but this app's state, so account scope is still app scope.
 param principalId string
 param storageAccountName string
-
-@description('Containers the Functions host and the Flex deployment use (Storage Blob Data Owner on each).')
-param containerNames array
 
 param dcrName string
 param appInsightsName string
@@ -22,16 +19,6 @@ resource storage 'Microsoft.Storage/storageAccounts@2023-05-01' existing = {
   name: storageAccountName
 }
 
-resource blobService 'Microsoft.Storage/storageAccounts/blobServices@2023-05-01' existing = {
-  parent: storage
-  name: 'default'
-}
-
-resource containers 'Microsoft.Storage/storageAccounts/blobServices/containers@2023-05-01' existing = [for container in containerNames: {
-  parent: blobService
-  name: container
-}]
-
 resource dcr 'Microsoft.Insights/dataCollectionRules@2023-03-11' existing = {
   name: dcrName
 }
@@ -40,17 +27,19 @@ resource appInsights 'Microsoft.Insights/components@2020-02-02' existing = {
   name: appInsightsName
 }
 
-// Host keys (azure-webjobs-secrets), timer schedule and singleton locks (azure-webjobs-hosts) and
-// the deployment package: the host's whole use of blobs, all in containers created by storage.bicep.
-resource blobOwner 'Microsoft.Authorization/roleAssignments@2022-04-01' = [for (container, i) in containerNames: {
-  scope: containers[i]
-  name: guid(containers[i].id, principalId, roleIds.blobDataOwner)
+// Host keys, timer schedules, singleton locks and the deployment package. On the account, not per
+// container: the host creates the containers it needs (azure-webjobs-hosts, -secrets, and others
+// in later host versions), as in Microsoft's samples:
+// https://learn.microsoft.com/azure/azure-functions/functions-reference#connecting-to-host-storage-with-an-identity
+resource blobOwner 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
+  scope: storage
+  name: guid(storage.id, principalId, roleIds.blobDataOwner)
   properties: {
     principalId: principalId
     principalType: 'ServicePrincipal'
     roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roleIds.blobDataOwner)
   }
-}]
+}
 
 // Lease pools per service principal or job (<LEASE_QUEUE>-<hash>), their schedule queues and the
 // host's <queue>-poison queues are all named at run time: a per-queue grant would break on the first.

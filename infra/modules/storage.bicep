@@ -14,15 +14,18 @@ param containerNames array
 @description('Tables the app uses (request status).')
 param tableNames array = []
 
-@allowed(['Standard_LRS', 'Standard_ZRS', 'Standard_GRS', 'Standard_RAGRS', 'Standard_GZRS', 'Standard_RAGZRS'])
-param skuName string = 'Standard_ZRS'
+// LRS by default: every Flex Consumption region offers it, ZRS only regions with zones
+// (https://learn.microsoft.com/azure/storage/common/redundancy-regions-zrs). main.bicep passes
+// storageSkuName (azd STORAGE_SKU).
+@allowed(['Standard_LRS', 'Standard_ZRS'])
+param skuName string = 'Standard_LRS'
 
 resource storage 'Microsoft.Storage/storageAccounts@2023-05-01' = {
   name: name
   location: location
   tags: tags
   kind: 'StorageV2'
-  //checkov:skip=CKV_AZURE_206:Zone-redundant by default; a geo replica adds nothing for transient work queues and host state whose only consumer is a single-region Function App. skuName accepts GRS/GZRS for those who want it.
+  //checkov:skip=CKV_AZURE_206:A geo replica adds nothing for transient work queues and host state whose only consumer is a single-region Function App; LRS is the default because every Flex region offers it, ZRS is a parameter (STORAGE_SKU).
   sku: {
     name: skuName
   }

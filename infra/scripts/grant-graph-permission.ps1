@@ -66,7 +66,9 @@ if ($existing) {
     Write-Output "Skipped: $PrincipalId already has Microsoft Graph $role."
 }
 elseif ($PSCmdlet.ShouldProcess($PrincipalId, "Grant Microsoft Graph $role")) {
-    New-MgServicePrincipalAppRoleAssignment -ServicePrincipalId $PrincipalId -PrincipalId $PrincipalId `
+    # Posted to the resource's appRoleAssignedTo, as Graph's grant-an-app-role guide does:
+    # https://learn.microsoft.com/graph/api/serviceprincipal-post-approleassignedto
+    New-MgServicePrincipalAppRoleAssignedTo -ServicePrincipalId $graphSp.Id -PrincipalId $PrincipalId `
         -ResourceId $graphSp.Id -AppRoleId $appRole.Id | Out-Null
     Write-Output "Granted: Microsoft Graph $role to $PrincipalId."
 }

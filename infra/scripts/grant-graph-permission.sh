@@ -64,10 +64,13 @@ case "$cloud" in
 esac
 
 say() { printf '%s\n' "$*"; }
+# az rest picks a token audience only for the active cloud's known endpoints, so every call names the
+# Graph root it goes to (dod-graph.microsoft.us would otherwise get no token, or the wrong one).
+graph_rest() { az rest --resource "$graph" "$@"; }
 
 # Microsoft Graph's own service principal in this tenant, and the id of the app role we need.
 # (tsv prints the two values on one line or two depending on the az version: take words.)
-found=$(az rest --method get \
+found=$(graph_rest --method get \
   --url "$graph/v1.0/servicePrincipals(appId='$GRAPH_APP_ID')?\$select=id,appRoles" \
   --query "[id, appRoles[?value=='$role' && contains(allowedMemberTypes, 'Application')].id | [0]]" -o tsv \
   | tr -d '\r' | tr '\t' '\n')
@@ -78,7 +81,7 @@ if [ -z "$graph_sp_id" ] || [ -z "$role_id" ] || [ "$role_id" = "None" ]; then
   exit 1
 fi
 
-existing=$(az rest --method get \
+existing=$(graph_rest --method get \
   --url "$graph/v1.0/servicePrincipals/$principal_id/appRoleAssignments" \
   --query "length(value[?appRoleId=='$role_id' && resourceId=='$graph_sp_id'])" -o tsv | tr -d '\r')
 if [ "$existing" != "0" ]; then
@@ -86,8 +89,10 @@ if [ "$existing" != "0" ]; then
 elif $dry_run; then
   say "Would grant Microsoft Graph $role to $principal_id (dry run)."
 else
-  az rest --method post \
-    --url "$graph/v1.0/servicePrincipals/$principal_id/appRoleAssignments" \
+  # Posted to the resource's appRoleAssignedTo, as Graph's grant-an-app-role guide does:
+  # https://learn.microsoft.com/graph/api/serviceprincipal-post-approleassignedto
+  graph_rest --method post \
+    --url "$graph/v1.0/servicePrincipals/$graph_sp_id/appRoleAssignedTo" \
     --headers "Content-Type=application/json" \
     --body "{\"principalId\":\"$principal_id\",\"resourceId\":\"$graph_sp_id\",\"appRoleId\":\"$role_id\"}" \
     --output none
@@ -97,7 +102,7 @@ fi
 if [ "$mode" = "ownedby" ]; then
   # OwnedBy covers only what the identity owns: the enterprise app's service principal itself,
   # not (only) its app registration.
-  owner=$(az rest --method get \
+  owner=$(graph_rest --method get \
     --url "$graph/v1.0/servicePrincipals/$target_sp/owners?\$select=id" \
     --query "length(value[?id=='$principal_id'])" -o tsv | tr -d '\r')
   if [ "$owner" != "0" ]; then
@@ -105,7 +110,7 @@ if [ "$mode" = "ownedby" ]; then
   elif $dry_run; then
     say "Would add $principal_id as an owner of service principal $target_sp (dry run)."
   else
-    az rest --method post \
+    graph_rest --method post \
       --url "$graph/v1.0/servicePrincipals/$target_sp/owners/\$ref" \
       --headers "Content-Type=application/json" \
       --body "{\"@odata.id\":\"$graph/v1.0/directoryObjects/$principal_id\"}" \

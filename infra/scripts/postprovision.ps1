@@ -15,6 +15,13 @@ Write-Output "  $script -PrincipalId $principal -Cloud $cloud -Mode OwnedBy -Tar
 Write-Output 'docs/deploy.md explains which to choose. Then restart the Function App and run the preflight:'
 Write-Output "  curl -H 'x-functions-key: <key>' $url/api/health/deep"
 
+if (($env:ALLOWED_CLIENT_APP_IDS -or $env:ALLOWED_CLIENT_ROLES) -and -not $env:EASY_AUTH_CLIENT_ID) {
+    Write-Output ''
+    Write-Output 'Warning: ALLOWED_CLIENT_APP_IDS / ALLOWED_CLIENT_ROLES turn Entra ID sign-in on, but EASY_AUTH_CLIENT_ID is empty:'
+    Write-Output '  no token can name this API as its audience, so every Entra ID caller is refused. Run'
+    Write-Output '  azd env set EASY_AUTH_CLIENT_ID <client id of the API''s app registration>; azd provision'
+}
+
 if ($env:GRANT_GRAPH_PERMISSION -in @('sync', 'ownedby')) {
     Write-Output ''
     Write-Output "GRANT_GRAPH_PERMISSION=$($env:GRANT_GRAPH_PERMISSION): trying the grant now."

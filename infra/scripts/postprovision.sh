@@ -17,6 +17,13 @@ echo "  (PowerShell: infra/scripts/grant-graph-permission.ps1 -PrincipalId $prin
 echo "docs/deploy.md explains which to choose. Then restart the Function App and run the preflight:"
 echo "  curl -H \"x-functions-key: <key>\" ${AZURE_FUNCTION_URL:-https://<app>.azurewebsites.net}/api/health/deep"
 
+if [ -n "${ALLOWED_CLIENT_APP_IDS:-}${ALLOWED_CLIENT_ROLES:-}" ] && [ -z "${EASY_AUTH_CLIENT_ID:-}" ]; then
+  echo ""
+  echo "Warning: ALLOWED_CLIENT_APP_IDS / ALLOWED_CLIENT_ROLES turn Entra ID sign-in on, but EASY_AUTH_CLIENT_ID is empty:"
+  echo "  no token can name this API as its audience, so every Entra ID caller is refused. Run"
+  echo "  azd env set EASY_AUTH_CLIENT_ID <client id of the API's app registration> && azd provision"
+fi
+
 case "$mode" in
   sync|ownedby)
     echo ""

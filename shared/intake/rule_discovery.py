@@ -47,18 +47,17 @@ class Rule:
                 "targetDirectoryName": self.target_directory, "sourceObjects": sorted(self.source_objects)}
 
 
+def _enabled_sources(raw: dict[str, Any]) -> frozenset[str]:
+    # A disabled mapping provisions nothing, so it cannot make a rule fit.
+    mappings = [m for m in raw.get("objectMappings") or [] if isinstance(m, dict)]
+    return frozenset(str(m.get("sourceObjectName")) for m in mappings
+                     if m.get("enabled", True) is not False and m.get("sourceObjectName"))
+
+
 def parse_rules(schema: dict[str, Any]) -> list[Rule]:
-    rules = []
-    for raw in schema.get("synchronizationRules") or []:
-        if not isinstance(raw, dict) or not raw.get("id"):
-            continue
-        mappings = [m for m in raw.get("objectMappings") or [] if isinstance(m, dict)]
-        # A disabled mapping provisions nothing, so it cannot make a rule fit.
-        sources = frozenset(str(m.get("sourceObjectName")) for m in mappings
-                            if m.get("enabled", True) is not False and m.get("sourceObjectName"))
-        rules.append(Rule(str(raw["id"]), str(raw.get("name") or ""), str(raw.get("sourceDirectoryName") or ""),
-                          str(raw.get("targetDirectoryName") or ""), sources))
-    return rules
+    return [Rule(str(raw["id"]), str(raw.get("name") or ""), str(raw.get("sourceDirectoryName") or ""),
+                 str(raw.get("targetDirectoryName") or ""), _enabled_sources(raw))
+            for raw in schema.get("synchronizationRules") or [] if isinstance(raw, dict) and raw.get("id")]
 
 
 def _fits_type(rule: Rule, type_name: str) -> bool:

@@ -102,12 +102,16 @@ def _resolve(value: str | None, default: str | None, field_name: str, setting: s
 
 
 def _subject_calls(subject: GraphSubject) -> list[Subject]:
-    members = [m.objectId for m in subject.links.members] if subject.links else []
+    links = subject.links
+    members = [m.objectId for m in links.members] if links else []
+    # Manager and owners are sent as given, with every call for the subject, so each call stands alone.
+    base = Subject(objectId=subject.objectId, objectTypeName=subject.objectTypeName,
+                   manager=links.manager.objectId if links and links.manager else None,
+                   owners=[o.objectId for o in links.owners] if links and links.owners else None)
     if not members:
-        return [Subject(objectId=subject.objectId, objectTypeName=subject.objectTypeName)]
+        return [base]
     # Graph takes one group with at most five members per call; larger groups become consecutive calls.
-    return [Subject(objectId=subject.objectId, objectTypeName=subject.objectTypeName,
-                    members=members[i:i + MAX_GROUP_MEMBERS_PER_CALL])
+    return [base.model_copy(update={"members": members[i:i + MAX_GROUP_MEMBERS_PER_CALL]})
             for i in range(0, len(members), MAX_GROUP_MEMBERS_PER_CALL)]
 
 

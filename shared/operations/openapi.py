@@ -16,6 +16,7 @@ from shared.intake.validation import MAX_ITEMS_PER_POST
 from shared.models import (
     GUID_RE,
     JOB_ID_RE,
+    LINKS_ALLOWED_ON,
     OBJECT_ID_FORMS,
     RULE_ID_RE,
     CompactEvent,
@@ -73,6 +74,19 @@ def _add_patterns(schemas: dict[str, Any]) -> None:
                 prop.setdefault("pattern", MEMBER_PATTERN)
 
 
+def _keep_allowed_links(links_schema: dict[str, Any], props: dict[str, Any], type_name: str) -> None:
+    """Only the links this type may have (LINKS_ALLOWED_ON): members and owners for groups, a manager for users."""
+    allowed = [link for link, types in LINKS_ALLOWED_ON.items() if type_name in types]
+    for link in set(LINKS_ALLOWED_ON) - set(allowed):
+        props.pop(link, None)  # the compact shape's flat links
+    if "links" in props and allowed:
+        links = copy.deepcopy(links_schema)
+        links["properties"] = {k: v for k, v in links["properties"].items() if k in allowed}
+        props["links"] = dict(links, nullable=True, default=None)
+    else:
+        props.pop("links", None)
+
+
 def _split_by_type(schemas: dict[str, Any], name: str) -> None:
     """objectId's form depends on objectTypeName (a validator, invisible to JSON Schema): one
     variant per type makes the rule part of the contract, so a generated valid body is valid."""
@@ -83,9 +97,7 @@ def _split_by_type(schemas: dict[str, Any], name: str) -> None:
         props = variant["properties"]
         props["objectTypeName"] = {"type": "string", "enum": [type_name]}
         props["objectId"] = dict(props["objectId"], pattern=pattern.pattern, description=form)
-        if type_name != "Group":  # only groups have members
-            props.pop("members", None)
-            props.pop("links", None)
+        _keep_allowed_links(schemas["Links"], props, type_name)
         variant["title"] = f"{name} ({type_name})"
         key = f"{name}_{type_name}" if type_name != "user" else f"{name}_adUser"
         schemas[key] = variant
@@ -102,9 +114,11 @@ def _model_schemas() -> dict[str, Any]:
     schemas = _to_openapi30(schemas)
     _add_patterns(schemas)
     # A compact event's members may also be bare GUID strings (shorthand for {objectId}).
-    members = schemas["CompactEvent"]["properties"]["members"]
-    members["items"] = {"anyOf": [{"$ref": REF.format(model="Member")},
-                                  {"type": "string", "pattern": MEMBER_PATTERN}]}
+    compact = schemas["CompactEvent"]["properties"]
+    shorthand = {"anyOf": [{"$ref": REF.format(model="Member")}, {"type": "string", "pattern": MEMBER_PATTERN}]}
+    for name in ("members", "owners"):
+        compact[name]["items"] = copy.deepcopy(shorthand)
+    compact["manager"] = dict(copy.deepcopy(shorthand), nullable=True, default=None)
     for name in ("GraphSubject", "CompactEvent"):
         _split_by_type(schemas, name)
     schemas["ErrorBody"] = {

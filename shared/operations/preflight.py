@@ -21,6 +21,7 @@ from azure.storage.queue import QueueServiceClient
 from shared.errors import GraphFailure
 from shared.graph.client import REQUIRED_ROLES_HINT, GraphClient, job_path
 from shared.ratelimit.token_gate import pool_queue_name
+from shared.operations.readiness import PARKED_SUFFIX, unready_reply
 from shared.replies import HttpReply
 from shared.settings import Settings
 
@@ -148,29 +149,36 @@ def check_job(settings: Settings, graph: GraphClient, token: str | None,
         details["quarantine"] = quarantine
     start = (f"POST {settings.graph_root}{job_path(settings.graph_api_version, service_principal_id, job_id)}/start "
              "(or Provisioning > Start provisioning in the Entra admin center), once: don't call it in a loop")
-    name = f"job {job_id}"
+    return _judge_job(f"job {job_id}", code, quarantine, details, start)
+
+
+def _judge_job(name: str, code: str, quarantine: dict[str, Any] | None, details: dict[str, Any],
+               start: str) -> Check:
     lowered = code.lower()
     if lowered == "active" and not quarantine:
         return Check("Job", "ok", f"{name} is Active", details=details)
     if lowered == "quarantine" or quarantine:
-        q = quarantine or {}
-        error = q.get("error") if isinstance(q.get("error"), dict) else {}
-        why = ", ".join(filter(None, [
-            f"reason {q['reason']}" if q.get("reason") else None,
-            f"since {q['currentBegan']}" if q.get("currentBegan") else None,
-            f"next attempt {q['nextAttempt']}" if q.get("nextAttempt") else None,
-        ]))
-        cause = f" {error.get('code')}: {str(error.get('message') or '').rstrip('.')}." if error.get("code") else ""
-        return Check("Job", "fail", f"{name} is in quarantine ({why or 'no details'}).{cause} A quarantined job "
-                                    "runs about once a day.",
-                     fix=f"Fix the cause named above (for credential errors: Provisioning > Admin credentials > Test "
-                         f"connection), then start the job to clear the quarantine: {start}.",
-                     details=details)
+        return _quarantined(name, quarantine or {}, details, start)
     if lowered == "paused":
         return Check("Job", "warn", f"{name} is Paused: its provisioning cycles are stopped",
                      fix=f"If it should run, start it: {start}.", details=details)
     return Check("Job", "warn", f"{name} has status {code}: it has not been started or is not configured",
                  fix=f"Finish the provisioning configuration in the Entra admin center, then start it: {start}.",
+                 details=details)
+
+
+def _quarantined(name: str, q: dict[str, Any], details: dict[str, Any], start: str) -> Check:
+    error = q.get("error") if isinstance(q.get("error"), dict) else {}
+    why = ", ".join(filter(None, [
+        f"reason {q['reason']}" if q.get("reason") else None,
+        f"since {q['currentBegan']}" if q.get("currentBegan") else None,
+        f"next attempt {q['nextAttempt']}" if q.get("nextAttempt") else None,
+    ]))
+    cause = f" {error.get('code')}: {str(error.get('message') or '').rstrip('.')}." if error.get("code") else ""
+    return Check("Job", "fail", f"{name} is in quarantine ({why or 'no details'}).{cause} A quarantined job "
+                                "runs about once a day.",
+                 fix=f"Fix the cause named above (for credential errors: Provisioning > Admin credentials > Test "
+                     f"connection), then start the job to clear the quarantine: {start}.",
                  details=details)
 
 
@@ -254,11 +262,14 @@ def check_lease_pool(settings: Settings, service: QueueServiceClient,
                                            "principal and job to check one")
     name = pool_queue_name(settings.lease_queue, scope, service_principal_id or "", job_id or "")
     calls, window = settings.rate_limit_calls, settings.rate_limit_window_seconds
-    upkeep = ("The lease_upkeep timer seeds the pool at start-up and every 30 s: check that the Function App is "
+    upkeep = ("The first worker call seeds the pool, and the lease_upkeep timer repairs it every 5 minutes (run it "
+              "now: POST /admin/functions/lease_upkeep with the master key): check that the Function App is "
               "running with all its functions enabled, and look for 'lease pool minted' in its logs.")
     state, props = _queue_properties(service, name)
     if state == "missing":
-        return Check("Lease pool", "fail", f"lease pool queue {name} does not exist: no instance has seeded it yet",
+        # Not seeded yet is normal before the first call (the first worker call seeds the pool), so a
+        # fresh deployment's availability test does not alert on it: a warning, not a failure.
+        return Check("Lease pool", "warn", f"lease pool queue {name} does not exist: no call has seeded it yet",
                      fix=upkeep, details={"queue": name})
     if state != "ok":
         return Check("Lease pool", "fail", f"cannot read lease pool queue {name} ({props})",
@@ -269,10 +280,16 @@ def check_lease_pool(settings: Settings, service: QueueServiceClient,
                "mintedFor": {"calls": metadata.get("calls"), "window": metadata.get("window")},
                "configured": {"calls": calls, "window": window}}
     if not metadata.get("epoch"):
-        return Check("Lease pool", "fail", f"lease pool {name} has no epoch: it was never seeded", fix=upkeep,
+        return Check("Lease pool", "warn", f"lease pool {name} has no epoch: it has not been seeded yet", fix=upkeep,
                      details=details)
+    return _judge_pool(name, metadata, count, settings, details, upkeep)
+
+
+def _judge_pool(name: str, metadata: dict[str, str], count: int, settings: Settings, details: dict[str, Any],
+                upkeep: str) -> Check:
+    calls, window = settings.rate_limit_calls, settings.rate_limit_window_seconds
     clear = (f"Clear the queue's messages (az storage message clear --queue-name {name} --auth-mode login ...); "
-             "the upkeep timer then mints a pool for the current settings within 30 s.")
+             "the next worker call or upkeep run then mints a pool for the current settings.")
     minted_calls = _number(metadata.get("calls"))
     if minted_calls is not None and minted_calls > calls:
         return Check("Lease pool", "fail", f"pool {name} was minted for {metadata.get('calls')} calls but "
@@ -284,10 +301,27 @@ def check_lease_pool(settings: Settings, service: QueueServiceClient,
                                            f"RATE_LIMIT_WINDOW_SECONDS is {window}", fix=clear, details=details)
     if count < calls:
         return Check("Lease pool", "warn", f"pool {name} holds about {count} of {calls} tokens",
-                     fix="Upkeep re-mints a pool that lost tokens within 30 s; if this persists, " + upkeep[0].lower()
+                     fix="Workers and the upkeep timer re-mint a pool that lost tokens; if this persists, " + upkeep[0].lower()
                          + upkeep[1:], details=details)
     return Check("Lease pool", "ok", f"pool {name} is seeded (epoch {str(metadata['epoch'])[:8]}…, about {count} "
                                      f"tokens for {calls} calls per {window} s)", details=details)
+
+
+def check_parked(settings: Settings, service: QueueServiceClient) -> Check:
+    """Messages parked while the settings were invalid (shared/operations/readiness.py)."""
+    parked: dict[str, int] = {}
+    for source in (settings.intake_queue, settings.work_queue, settings.logs_queue):
+        state, props = _queue_properties(service, source + PARKED_SUFFIX)
+        if state == "ok" and props.approximate_message_count:
+            parked[source + PARKED_SUFFIX] = int(props.approximate_message_count)
+    if not parked:
+        return Check("Parked messages", "ok", "none: no message waits for valid settings")
+    return Check("Parked messages", "warn", "messages parked while the settings were invalid: "
+                 + ", ".join(f"{name} {count}" for name, count in parked.items()),
+                 fix="With valid settings the lease_upkeep timer returns them to their queues within 5 minutes; "
+                     "run it now with POST /admin/functions/lease_upkeep (master key). Log Analytics rows stay "
+                     "parked while RESULTS_SINK does not send them there.",
+                 details={"parked": parked})
 
 
 def _number(value: Any) -> float | None:
@@ -298,17 +332,37 @@ def _number(value: Any) -> float | None:
 
 
 # -- the whole run -----------------------------------------------------------------------------
+def check_settings() -> Check:
+    # A report only exists with valid settings (invalid ones stop the CLI and make /api/health/deep
+    # answer 503 naming them), but operators asked to see it said.
+    return Check("Settings", "ok", "all app settings are valid")
+
+
+def check_callers(settings: Settings) -> Check:
+    apps, roles = len(settings.allowed_client_app_ids), len(settings.allowed_client_roles)
+    details = {"easyAuth": settings.easy_auth_enabled, "allowedClientAppIds": apps, "allowedClientRoles": roles}
+    if not settings.easy_auth_enabled:
+        return Check("Callers", "ok", "Easy Auth off: callers use function keys (and the HMAC signature if set)",
+                     details=details)
+    return Check("Callers", "ok", f"Easy Auth on: Entra ID callers admitted from {apps} client application id(s) "
+                                  f"and {roles} app role(s); callers without a token use function keys or HMAC",
+                 details=details)
+
+
 def run_preflight(settings: Settings, graph: GraphClient, queue_service: QueueServiceClient, *,
                   service_principal_id: str | None = None, job_id: str | None = None) -> Report:
     sp = service_principal_id or settings.default_service_principal_id
     job = job_id or settings.default_job_id
     token_check, token, claims = check_token(settings, graph)
     checks = [
+        check_settings(),
+        check_callers(settings),
         token_check,
         check_roles(claims, token is not None, sp),
         check_job(settings, graph, token, sp, job),
         check_queues(settings, queue_service),
         check_lease_pool(settings, queue_service, sp, job),
+        check_parked(settings, queue_service),
     ]
     context = {"graph": f"{settings.graph_root} ({settings.graph_api_version}, {settings.graph_cloud})",
                "storage": queue_service.url}
@@ -317,12 +371,13 @@ def run_preflight(settings: Settings, graph: GraphClient, queue_service: QueueSe
 
 # -- HTTP --------------------------------------------------------------------------------------
 def health_reply(params: Mapping[str, str]) -> HttpReply:
-    """The anonymous probe: says the host answers, and nothing about the configuration."""
+    """The anonymous probe: says the host answers and the settings are valid (or names the bad ones,
+    without their values), and nothing else about the configuration."""
     if str(params.get("deep", "")).lower() in ("1", "true", "yes"):
         return HttpReply(401, {"error": {"code": "FunctionKeyRequired",
                                          "message": f"The deep check needs a function key: GET {DEEP_ROUTE} with "
                                                     "header x-functions-key (or ?code=)."}})
-    return HttpReply(200, {"status": "ok"})
+    return unready_reply() or HttpReply(200, {"status": "ok"})
 
 
 def deep_health_reply(settings: Settings, graph: GraphClient, queue_service: QueueServiceClient) -> HttpReply:

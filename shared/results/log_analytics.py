@@ -114,6 +114,8 @@ def to_row(result: ResultMessage) -> dict[str, Any]:
         "CallIndex": result.callIndex,
         "CallCount": result.callCount,
         "Result": result.result,
+        "Verdict": result.verdict,
+        "ReasonCode": result.reasonCode,
         "ErrorCode": result.errorCode,
         "ErrorMessage": result.errorMessage,
         "Action": result.action,
@@ -159,10 +161,6 @@ def split_batches(sizes: Sequence[int], limit: int = MAX_CALL_BYTES) -> tuple[li
 
 
 # --- upload -------------------------------------------------------------------------------------
-
-    def __str__(self) -> str:
-        return f"{self.code}: {self.message}"
-
 
 class Uploader(Protocol):
     def upload(self, rows: list[dict[str, Any]]) -> None:
@@ -352,28 +350,23 @@ def _retry_later(pending: _Pending, failure: UploadFailed, rt) -> None:
     log.warning("row %s not uploaded (%s), attempt %d, retrying in %d s", env.result.resultId, failure, attempts, delay)
 
 
-def upload_message(raw: bytes | str, rt, uploader: Uploader | None = None) -> None:
-    """A message on LOGS_QUEUE (and up to LOGS_BATCH_SIZE - 1 more): upload, then settle each row.
-
-    Returns normally whenever every row is either uploaded, re-queued or dead-lettered, so the host
-    deletes the trigger message; only a storage failure while settling raises (the host then
-    retries the trigger message and the extra messages reappear after EXTRA_VISIBILITY_SECONDS)."""
-    s = rt.settings
-    text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
-    queue = rt.queues.get(s.logs_queue)
+def _collect(text: str, queue, batch_size: int, rt) -> list[_Pending]:
+    """The trigger message and up to batch_size - 1 more; unreadable extras are deleted."""
     pending: list[_Pending] = []
     first = _parse(text, rt)
     if first is not None:
         pending.append(_Pending(first, None))
-    for message in _receive_more(queue, s.logs_batch_size - 1):
+    for message in _receive_more(queue, batch_size - 1):
         envelope = _parse(message.content, rt)
         if envelope is None:
             _delete(queue, message)
         else:
             pending.append(_Pending(envelope, message))
-    if not pending:
-        return
+    return pending
 
+
+def _upload_pending(pending: list[_Pending], uploader: Uploader) -> dict[int, UploadFailed]:
+    """Map and upload the rows in one call; returns the failure of each row that did not go."""
     rows, failed = [], {}
     for i, p in enumerate(pending):
         try:
@@ -383,11 +376,26 @@ def upload_message(raw: bytes | str, rt, uploader: Uploader | None = None) -> No
             rows.append({})
     mapped = [i for i in range(len(pending)) if i not in failed]
     try:
-        failures = upload_rows([rows[i] for i in mapped], uploader or uploader_for(s))
+        failures = upload_rows([rows[i] for i in mapped], uploader)
         failed.update({mapped[j]: f for j, f in failures.items()})
     except UploadFailed as failure:
         failed.update({i: failure for i in mapped})
+    return failed
 
+
+def upload_message(raw: bytes | str, rt, uploader: Uploader | None = None) -> None:
+    """A message on LOGS_QUEUE (and up to LOGS_BATCH_SIZE - 1 more): upload, then settle each row.
+
+    Returns normally whenever every row is either uploaded, re-queued or dead-lettered, so the host
+    deletes the trigger message; only a storage failure while settling raises (the host then
+    retries the trigger message and the extra messages reappear after EXTRA_VISIBILITY_SECONDS)."""
+    s = rt.settings
+    text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
+    queue = rt.queues.get(s.logs_queue)
+    pending = _collect(text, queue, s.logs_batch_size, rt)
+    if not pending:
+        return
+    failed = _upload_pending(pending, uploader or uploader_for(s))
     for i, p in enumerate(pending):
         if i in failed:
             _retry_later(p, failed[i], rt)

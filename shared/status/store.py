@@ -61,11 +61,13 @@ PARALLEL = 8                  # table requests in flight while admitting a bulk 
 
 
 def group_key(item: WorkItem) -> str:
-    """Equal calls (same service principal, job, rule and subject, members included) share a key.
+    """Equal calls (same service principal, job, rule and subject, links included) share a key.
     Priority is part of it: a high-priority request never waits behind a normal call it joined."""
     subject = item.subject
     identity = [item.servicePrincipalId.lower(), item.jobId, item.ruleId, subject.objectTypeName,
                 subject.objectId, subject.members or [], item.priority]
+    if subject.manager or subject.owners:  # appended only when present: keys of calls without them stay as they were
+        identity += [subject.manager, subject.owners or []]
     return hashlib.sha256(json.dumps(identity).encode("utf-8")).hexdigest()[:40]
 
 

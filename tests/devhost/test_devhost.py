@@ -375,7 +375,7 @@ def plain_host(devhost_azurite: Azurite, log_dir: Path) -> Iterator[DevHost]:
                                                     "TIMER_SCHEDULE": "0 0 0 1 1 *"}}))
     host = DevHost(devhost_azurite, log_dir,
                    {**queue_settings(), "AzureFunctionsJobHost__extensions__queues__messageEncoding": "none",
-                    "DEVHOST_FUNCTION_KEY": "sekrit"},
+                    "DEVHOST_FUNCTION_KEY": "sekrit", "DEVHOST_EMULATE_EASY_AUTH": "true"},
                    "--settings", str(settings_file))
     try:
         yield host.wait_ready()
@@ -397,7 +397,8 @@ class TestHttp:
         assert response.headers["content-type"] == "application/json"
         assert response.headers["x-function"] == "items"
         assert response.json() == {"method": "GET", "route_params": {"id": "42", "name": "widget"},
-                                   "params": {"color": "red,blue", "flag": ""}, "body": "", "header": "yes"}
+                                   "params": {"color": "red,blue", "flag": ""}, "body": "", "header": "yes",
+                                   "principal": None}
         posted = httpx.post(main_host.url("/api/items/7"), content=b"payload")
         assert posted.json()["route_params"] == {"id": "7"} and posted.json()["body"] == "payload"
 
@@ -429,6 +430,14 @@ class TestHttp:
 
     def test_settings_flag_chooses_the_file(self, plain_host: DevHost) -> None:
         assert httpx.get(plain_host.url("/api/settings")).json() == {"GREETING": "from --settings", "TARGET": "file"}
+
+    def test_client_principal_headers_are_stripped_unless_emulating_easy_auth(
+            self, main_host: DevHost, plain_host: DevHost) -> None:
+        # Like App Service, which lets no client set them; an emulating host plays the platform.
+        sent = {"X-MS-CLIENT-PRINCIPAL": "eyJjbGFpbXMiOltdfQ==", "X-MS-CLIENT-PRINCIPAL-ID": "someone"}
+        assert httpx.get(main_host.url("/api/items/1"), headers=sent).json()["principal"] is None
+        passed = httpx.get(plain_host.url("/api/items/1"), headers={**sent, "x-functions-key": "sekrit"})
+        assert passed.json()["principal"] == sent["X-MS-CLIENT-PRINCIPAL"]
 
     def test_function_keys_when_configured(self, main_host: DevHost, plain_host: DevHost) -> None:
         assert httpx.get(main_host.url("/api/secure")).text == "secret"  # not enforced by default

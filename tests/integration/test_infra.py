@@ -1,6 +1,8 @@
 """The deployment template, checked here without Azure: Bicep parses, checkov passes (every skip
 justified and documented), every setting the app reads is set by the template with a value the app
-accepts, roles are narrow, and the Graph grant script is idempotent (against a fake `az`)."""
+accepts, roles are narrow, each Flex Consumption rule the template follows holds (one test per rule,
+citing Microsoft's documentation), Easy Auth is off unless callers are named, and the Graph grant
+script is idempotent and asks for tokens of the Graph root it calls (against a fake `az`)."""
 from __future__ import annotations
 
 import fnmatch
@@ -41,7 +43,11 @@ IDENTITY_STORAGE = {"AzureWebJobsStorage__credential", "AzureWebJobsStorage__cli
 SET_ELSEWHERE = {"FUNCTIONS_WORKER_RUNTIME"}
 # Every checkov skip, each with its reason in the Bicep comment and in docs/deploy.md.
 DOCUMENTED_SKIPS = {"CKV_AZURE_17", "CKV_AZURE_35", "CKV_AZURE_59", "CKV_AZURE_206", "CKV_AZURE_212",
-                    "CKV_AZURE_213", "CKV_AZURE_222", "CKV_AZURE_225"}
+                    "CKV_AZURE_213", "CKV_AZURE_222", "CKV_AZURE_225",
+                    # Flex Consumption rejects or does not document what these want (functionapp.bicep).
+                    "CKV_AZURE_18", "CKV_AZURE_67", "CKV_AZURE_78",
+                    # Site-configuration checks that checkov also runs on the authsettingsV2 resource.
+                    "CKV_AZURE_13", "CKV_AZURE_63", "CKV_AZURE_65", "CKV_AZURE_66", "CKV_AZURE_80", "CKV_AZURE_88"}
 # Stand-ins for values only known after deployment, in the shapes Azure gives them.
 OUTPUT_SAMPLES = {
     "identity.outputs.clientId": "0c6d1f7e-57a5-4a7b-8b55-7f4e3a1c2d90",
@@ -56,7 +62,7 @@ OUTPUT_SAMPLES = {
 DECIDED_HERE = {"graph_endpoint", "results_sink", "logs_ingestion_endpoint", "logs_dcr_immutable_id",
                 "default_service_principal_id", "default_job_id", "default_rule_id"}
 ROLE_SCOPES = {  # role -> the only scopes it may be granted on (symbols in rbac.bicep)
-    "blobDataOwner": {"containers"},
+    "blobDataOwner": {"storage"},
     "queueDataContributor": {"storage"},
     "tableDataContributor": {"storage"},
     "monitoringMetricsPublisher": {"dcr", "appInsights"},
@@ -135,21 +141,43 @@ def env_names_read_in_shared() -> set[str]:
     return {name for path in (ROOT / "shared").rglob("*.py") for name in pattern.findall(path.read_text())}
 
 
-def resolve(node: Any, tree: dict[str, Any]) -> Any:
-    """A value of main.bicep as deployed with default parameters (module outputs from OUTPUT_SAMPLES).
-    pycep gives identifiers and string literals alike as str: a name of a param or variable wins."""
+LOGIC = {"not": lambda ops, r: not r(ops["bool_value"]),
+         "and": lambda ops, r: r(ops["operand_1"]) and r(ops["operand_2"]),
+         "or": lambda ops, r: r(ops["operand_1"]) or r(ops["operand_2"]),
+         "conditional": lambda ops, r: r(ops["true_value"] if r(ops["condition"]) else ops["false_value"])}
+FUNCTIONS = {"empty": lambda args, r: not r(args["item_to_test"]),
+             "replace": lambda args, r: r(args["original_string"]).replace(r(args["old_string"]),
+                                                                           r(args["new_string"])),
+             "split": lambda args, r: r(args["input_string"]).split(r(args["delimiter"]))}
+
+
+def resolve(node: Any, tree: dict[str, Any], params: dict[str, Any] | None = None) -> Any:
+    """A value of main.bicep as deployed with default parameters, or `params` where given (module
+    outputs from OUTPUT_SAMPLES). pycep gives identifiers and string literals alike as str: a name of
+    a param or variable wins."""
+    params = params or {}
+
+    def again(child: Any) -> Any:
+        return resolve(child, tree, params)
+    if node is None:
+        return None
     if isinstance(node, str):
         if node in tree["parameters"]:
-            return tree["parameters"][node]["default"]
+            return params.get(node, tree["parameters"][node].get("default"))
         if node in tree["variables"]:
-            return resolve(tree["variables"][node]["value"], tree)
+            return again(tree["variables"][node]["value"])
         if "${" in node:
-            return re.sub(r"\$\{([^}]+)\}", lambda m: str(OUTPUT_SAMPLES.get(m.group(1), m.group(1))), node)
+            return re.sub(r"\$\{([^}]+)\}", lambda m: str(again(m.group(1)) if m.group(1) in tree["parameters"]
+                                                           else OUTPUT_SAMPLES.get(m.group(1), m.group(1))), node)
         return node
     if isinstance(node, (int, float, bool)):
         return node
     if isinstance(node, dict) and "function" in node and node["function"]["type"] == "string":
-        return str(resolve(node["function"]["parameters"]["value_to_convert"], tree))
+        return str(again(node["function"]["parameters"]["value_to_convert"]))
+    if isinstance(node, dict) and "function" in node and node["function"]["type"] in FUNCTIONS:
+        return FUNCTIONS[node["function"]["type"]](node["function"]["parameters"], again)
+    if isinstance(node, dict) and "operator" in node and node["operator"]["type"] in LOGIC:
+        return LOGIC[node["operator"]["type"]](node["operator"]["operands"], again)
     if isinstance(node, dict) and "operator" in node:
         op = node["operator"]
         first, second = op["operands"]["operand_1"], op["operands"]["operand_2"]
@@ -160,19 +188,19 @@ def resolve(node: Any, tree: dict[str, Any]) -> Any:
                 return dcr["properties"]["dataFlows"][0]["streams"][0]
             return OUTPUT_SAMPLES[key]
         if op["type"] == "property_accessor":
-            return resolve(first, tree)[second]
+            return again(first)[second]
         if op["type"] == "index_accessor":
-            return resolve(first, tree)[resolve(second, tree)]
+            return again(first)[again(second)]
     if isinstance(node, dict):
-        return {k: resolve(v, tree) for k, v in node.items()}
+        return {k: again(v) for k, v in node.items()}
     if isinstance(node, list):
-        return [resolve(v, tree) for v in node]
+        return [again(v) for v in node]
     raise AssertionError(f"cannot resolve {node!r}")
 
 
-def deployed_settings() -> dict[str, str]:
+def deployed_settings(**params: Any) -> dict[str, str]:
     tree = parse(INFRA / "main.bicep")
-    return {name: resolve(value, tree) for name, value in app_settings().items()}
+    return {name: resolve(value, tree, params) for name, value in app_settings().items()}
 
 
 def test_env_scan_sees_what_shared_reads():
@@ -285,10 +313,200 @@ def test_results_table_and_dcr_come_from_the_log_analytics_files():
     assert [(c["name"], c["type"]) for c in declared] == [(c["name"], c["type"]) for c in columns]
 
 
+# -- Flex Consumption rules: one test per rule, each citing where Microsoft says it --------------
+# App settings Flex Consumption deprecates (its configuration moved to functionAppConfig, or the
+# feature does not exist there), and the feature flag that is the default everywhere now.
+FLEX_DEPRECATED_SETTINGS = {
+    "FUNCTIONS_WORKER_RUNTIME", "FUNCTIONS_WORKER_RUNTIME_VERSION", "FUNCTIONS_EXTENSION_VERSION",
+    "WEBSITE_RUN_FROM_PACKAGE", "WEBSITE_CONTENTSHARE", "WEBSITE_CONTENTAZUREFILECONNECTIONSTRING",
+    "WEBSITE_CONTENTOVERVNET", "WEBSITE_MOUNT_ENABLED", "WEBSITE_USE_PLACEHOLDER_DOTNETISOLATED",
+    "SCM_DO_BUILD_DURING_DEPLOYMENT", "ENABLE_ORYX_BUILD", "WEBSITE_MAX_DYNAMIC_APPLICATION_SCALE_OUT",
+    "WEBSITES_CONTAINER_START_TIME_LIMIT", "WEBSITE_TIME_ZONE", "TZ", "WEBSITE_LOAD_CERTIFICATES",
+    "AzureWebJobsFeatureFlags",
+}
+FLEX_SITE_CONFIG = {"minTlsVersion", "appSettings"}  # what Microsoft's azd Flex quickstart sets, and no more
+FLEX_PYTHON = {"3.10", "3.11", "3.12", "3.13"}
+FLEX_INSTANCE_MEMORY_MB = {512, 2048, 4096}
+# Flex Consumption regions without zone-redundant storage (redundancy-regions-zrs).
+FLEX_REGIONS_WITHOUT_ZRS = {"westus", "westcentralus", "northcentralus", "ukwest", "southindia", "australiasoutheast"}
+LRS_EVERYWHERE = {"Standard_LRS"}
+
+
+def site_properties() -> dict[str, Any]:
+    return parse(INFRA / "modules" / "functionapp.bicep")["resources"]["site"]["config"]["properties"]
+
+
+def azd_default(name: str) -> str:
+    """The default main.parameters.json gives a parameter when its azd variable is not set."""
+    value = json.loads((INFRA / "main.parameters.json").read_text())["parameters"][name]["value"]
+    match = re.fullmatch(r"\$\{([A-Z_]+)=([^}]*)\}", value)
+    assert match, f"{name} is not taken from an azd variable with a default: {value}"
+    return match.group(2)
+
+
+def test_flex_site_sets_only_supported_site_config():
+    """ARM rejects siteConfig.ftpsState on a Flex Consumption site (error 51021), and Flex documents no
+    http20Enabled or cors: the site sets only what Microsoft's azd Flex quickstart sets.
+    https://learn.microsoft.com/azure/azure-functions/functions-app-settings#flex-consumption-plan-deprecations
+    https://learn.microsoft.com/azure/azure-functions/flex-consumption-plan#considerations"""
+    assert set(site_properties()["siteConfig"]) <= FLEX_SITE_CONFIG
+    for path in BICEP_FILES:
+        code = "\n".join(line.split("//")[0] for line in path.read_text().splitlines())
+        for name in ("ftpsState", "http20Enabled", "cors", "linuxFxVersion", "alwaysOn"):
+            assert name not in code, f"{path.name} sets {name}, which a Flex Consumption site does not take"
+
+
+def test_no_flex_deprecated_app_settings():
+    """Flex Consumption deprecates these app settings (the runtime is functionAppConfig.runtime, the
+    package is a blob container, there is no content share); worker indexing is the default now.
+    https://learn.microsoft.com/azure/azure-functions/functions-app-settings#flex-consumption-plan-deprecations"""
+    assert not FLEX_DEPRECATED_SETTINGS & set(app_settings())
+    runtime = site_properties()["functionAppConfig"]["runtime"]
+    assert runtime == {"name": "python", "version": "pythonVersion"}
+
+
+def test_storage_sku_is_offered_in_every_flex_region():
+    """The default storage redundancy must exist in every Flex Consumption region: ZRS does not in
+    westus, westcentralus, northcentralus, ukwest, southindia, australiasoutheast. ZRS stays a choice.
+    https://learn.microsoft.com/azure/storage/common/redundancy-regions-zrs"""
+    main = parse(INFRA / "main.bicep")
+    param = main["parameters"]["storageSkuName"]
+    assert param["default"] in LRS_EVERYWHERE and azd_default("storageSkuName") in LRS_EVERYWHERE
+    allowed = next(d["argument"] for d in param["decorators"] if d["type"] == "allowed")
+    assert "Standard_ZRS" in allowed
+    assert main["modules"]["storage"]["config"]["params"]["skuName"] == "storageSkuName"
+    module = parse(INFRA / "modules" / "storage.bicep")["parameters"]["skuName"]
+    assert module["default"] in LRS_EVERYWHERE
+    assert FLEX_REGIONS_WITHOUT_ZRS  # the regions the default has to work in, named in the docstring
+
+
+def allowed_and_default(name: str, tree: dict[str, Any]) -> tuple[set, Any]:
+    param = tree["parameters"][name]
+    return {v for d in param["decorators"] if d["type"] == "allowed" for v in d["argument"]}, param["default"]
+
+
+def test_python_version_is_one_flex_runs_and_defaults_to_the_quickstarts():
+    """Python on Flex Consumption: 3.12 in Microsoft's azd Flex quickstart, 3.13 also offered.
+    https://learn.microsoft.com/azure/azure-functions/flex-consumption-plan#supported-language-stack-versions"""
+    for tree in (parse(INFRA / "main.bicep"), parse(INFRA / "modules" / "functionapp.bicep")):
+        allowed, default = allowed_and_default("pythonVersion", tree)
+        assert allowed <= FLEX_PYTHON and default == "3.12"
+    assert azd_default("pythonVersion") == "3.12"
+    assert parse(INFRA / "main.bicep")["modules"]["functionApp"]["config"]["params"]["pythonVersion"] == "pythonVersion"
+
+
+def test_instance_memory_and_scale_are_flex_values():
+    """Flex Consumption instance sizes are 512, 2048 and 4096 MB; at most 1000 instances. The defaults
+    (512 MB, 10 instances) come from the cost model in docs/deploy.md.
+    https://learn.microsoft.com/azure/azure-functions/flex-consumption-plan#instance-sizes"""
+    main, module = parse(INFRA / "main.bicep"), parse(INFRA / "modules" / "functionapp.bicep")
+    for tree in (main, module):
+        allowed, default = allowed_and_default("instanceMemoryMB", tree)
+        assert allowed <= FLEX_INSTANCE_MEMORY_MB and default == 512
+        bounds = {d["type"]: d["argument"] for d in tree["parameters"]["maximumInstanceCount"]["decorators"]}
+        assert bounds["max_value"] <= 1000 and tree["parameters"]["maximumInstanceCount"]["default"] == 10
+    assert azd_default("instanceMemoryMB") == "512" and azd_default("maximumInstanceCount") == "10"
+    params = main["modules"]["functionApp"]["config"]["params"]
+    assert params["instanceMemoryMB"] == "instanceMemoryMB" and params["maximumInstanceCount"] == "maximumInstanceCount"
+    scale = site_properties()["functionAppConfig"]["scaleAndConcurrency"]
+    assert scale == {"instanceMemoryMB": "instanceMemoryMB", "maximumInstanceCount": "maximumInstanceCount"}
+    assert "Cost" in DEPLOY_DOC.read_text() and "scripts.cost_probe" in DEPLOY_DOC.read_text()
+
+
+def test_the_dcr_waits_for_its_table():
+    """A data collection rule whose output table ARM cannot see yet fails with InvalidOutputTable: the
+    DCR depends on the table, and names its output stream after the table resource.
+    https://learn.microsoft.com/azure/azure-monitor/logs/tutorial-logs-ingestion-api"""
+    dcr = parse(INFRA / "modules" / "monitoring.bicep")["resources"]["dcr"]["config"]
+    assert "resultsTable" in dcr["dependsOn"]
+    flows = dcr["properties"]["dataFlows"]
+    assert flows["config"]["function"]["parameters"]["arg_2"] == {"outputStream": "Custom-${resultsTable.name}"}
+
+
+def test_blob_data_owner_is_granted_on_the_account():
+    """The host creates the containers it needs, so Storage Blob Data Owner is granted on the account,
+    as Microsoft's identity-based host storage guidance does.
+    https://learn.microsoft.com/azure/azure-functions/functions-reference#connecting-to-host-storage-with-an-identity"""
+    rbac = parse(INFRA / "modules" / "rbac.bicep")["resources"]
+    assert rbac["blobOwner"]["config"]["scope"] == "storage"
+    assert not [r for r in rbac.values() if r["type"].endswith("/containers")], "a per-container grant is back"
+
+
+def test_the_template_deploys_to_the_public_cloud_only():
+    """Flex Consumption is not offered in Azure Government, and a managed identity gets tokens only in
+    its own cloud: the template names the global Graph root and no national-cloud choice; the docs say
+    which clouds it deploys to and how to run the app elsewhere.
+    https://learn.microsoft.com/azure/azure-functions/flex-consumption-how-to#view-currently-supported-regions"""
+    values = deployed_settings()
+    assert values["GRAPH_CLOUD"] == "Global" and values["GRAPH_ENDPOINT"] == "https://graph.microsoft.com"
+    assert "graphCloud" not in parse(INFRA / "main.bicep")["parameters"]
+    doc, readme = DEPLOY_DOC.read_text(), (ROOT / "README.md").read_text()
+    assert "Azure Government" in doc and "Azure Government" in readme
+    assert "deploy to Azure Government (`azd config set" not in doc
+
+
+# -- Easy Auth -------------------------------------------------------------------------------------
+APP_A, APP_B = "0f1c2d3e-4a5b-4c6d-8e7f-901234567890", "1a2b3c4d-5e6f-4a7b-8c9d-0e1f2a3b4c5d"
+API_CLIENT = "2b3c4d5e-6f70-4a81-9b2c-3d4e5f607182"
+
+
+def easy_auth(**params: Any) -> tuple[dict[str, str], Any]:
+    """(the app settings, the Easy Auth module's params or None when it is not deployed) for `params`."""
+    tree = parse(INFRA / "main.bicep")
+    module = tree["modules"]["easyAuth"]["config"]
+    if not resolve(module["condition"], tree, params):
+        return deployed_settings(**params), None
+    given = module["config"]["params"]
+    return deployed_settings(**params), {name: resolve(given[name], tree, params)
+                                         for name in ("clientId", "audiences", "allowedApplications")}
+
+
+def test_easy_auth_is_off_by_default():
+    settings, module = easy_auth()
+    assert module is None
+    assert settings["EASY_AUTH_ENABLED"] == "false"
+    assert settings["ALLOWED_CLIENT_APP_IDS"] == "" and settings["ALLOWED_CLIENT_ROLES"] == ""
+
+
+@pytest.mark.parametrize("ids,roles", [(f"{APP_A}, {APP_B}", ""), ("", "Provisioning.Submit"),
+                                       (APP_A, "Provisioning.Submit,Provisioning.Admin")])
+def test_naming_callers_turns_easy_auth_on_and_tells_the_app(ids, roles):
+    """Callers named by client id and/or app role turn Easy Auth on; the app gets the same lists.
+    https://learn.microsoft.com/azure/app-service/configure-authentication-provider-aad#use-a-built-in-authorization-policy"""
+    settings, module = easy_auth(allowedClientAppIds=ids, allowedClientRoles=roles, easyAuthClientId=API_CLIENT)
+    assert settings["EASY_AUTH_ENABLED"] == "true"
+    assert settings["ALLOWED_CLIENT_APP_IDS"] == ids and settings["ALLOWED_CLIENT_ROLES"] == roles
+    assert module["clientId"] == API_CLIENT and module["audiences"] == [f"api://{API_CLIENT}", API_CLIENT]
+    assert module["allowedApplications"] == ([APP_A, APP_B] if "," in ids else [APP_A] if ids else [])
+
+
+def test_easy_auth_lets_callers_without_a_token_through_to_keys_and_hmac():
+    """Entra ID only, no login redirect, no token store; unauthenticated requests go on to the app
+    (AllowAnonymous), where function keys and HMAC signatures are checked, and the app reads an Entra
+    caller from X-MS-CLIENT-PRINCIPAL, which external requests cannot set. Easy Auth is supported on
+    Flex Consumption (the plan's considerations no longer list it as a limitation).
+    https://learn.microsoft.com/azure/app-service/overview-authentication-authorization#authorization-behavior
+    https://learn.microsoft.com/azure/app-service/configure-authentication-user-identities"""
+    auth = parse(INFRA / "modules" / "easyauth.bicep")["resources"]["site__auth"]
+    assert auth["type"] == "Microsoft.Web/sites/config" and auth["config"]["name"] == "authsettingsV2"
+    props = auth["config"]["properties"]
+    assert props["platform"] == {"enabled": True}
+    assert props["globalValidation"] == {"requireAuthentication": False, "unauthenticatedClientAction": "AllowAnonymous"}
+    aad = props["identityProviders"]["azureActiveDirectory"]
+    assert set(props["identityProviders"]) == {"azureActiveDirectory"} and aad["enabled"] is True
+    assert aad["validation"]["allowedAudiences"] == "audiences"
+    assert props["login"] == {"tokenStore": {"enabled": False}}
+    main = parse(INFRA / "main.bicep")["parameters"]
+    for name, variable in (("allowedClientAppIds", "ALLOWED_CLIENT_APP_IDS"), ("allowedClientRoles", "ALLOWED_CLIENT_ROLES"),
+                           ("easyAuthClientId", "EASY_AUTH_CLIENT_ID")):
+        assert main[name]["default"] == "" and azd_default(name) == ""
+        assert variable in DEPLOY_DOC.read_text()
+
+
 # -- azd -----------------------------------------------------------------------------------------
 def test_azure_yaml_deploys_the_function_app_and_prints_the_grant():
     spec = yaml.safe_load((ROOT / "azure.yaml").read_text())
-    assert spec["services"]["api"] == {"project": ".", "language": "python", "host": "function"}
+    assert spec["services"]["api"] == {"project": ".", "language": "python", "host": "function", "remoteBuild": True}
     assert spec["infra"]["path"] == "infra" and (INFRA / f"{spec['infra']['module']}.bicep").is_file()
     for platform in ("posix", "windows"):
         hook = spec["hooks"]["postprovision"][platform]
@@ -337,16 +555,22 @@ opt = {{args[i]: args[i + 1] for i in range(1, len(args) - 1) if args[i].startsw
 state_path = os.environ["FAKE_AZ_STATE"]
 state = json.load(open(state_path))
 method, url = opt["--method"].upper(), opt["--url"]
-state["calls"].append([method, url, opt.get("--body")])
+state["calls"].append([method, url, opt.get("--body"), opt.get("--resource")])
+# Like az, which derives a token audience only for the active (public) cloud's endpoints: a call to
+# another Graph root without --resource, or with a token for another root, is refused.
+root = re.match(r"^https://[^/]+", url).group(0)
+if opt.get("--resource", "https://graph.microsoft.com") != root:
+    json.dump(state, open(state_path, "w"))
+    print(f"ERROR: Unauthorized: token audience {{opt.get('--resource')}} for {{root}}", file=sys.stderr); sys.exit(1)
 path = re.sub(r"^https://[^/]+/v1.0", "", url).split("?")[0]
 body = json.loads(opt["--body"]) if "--body" in opt else None
-m = re.fullmatch(r"/servicePrincipals/([^/]+)/(appRoleAssignments|owners|owners/\$ref)", path)
+m = re.fullmatch(r"/servicePrincipals/([^/]+)/(appRoleAssignments|appRoleAssignedTo|owners|owners/\$ref)", path)
 if path == "/servicePrincipals(appId='00000003-0000-0000-c000-000000000000')" and method == "GET":
     answer = state["graphSp"]
 elif m and m.group(2) == "appRoleAssignments" and method == "GET":
     answer = {{"value": state["assignments"].get(m.group(1), [])}}
-elif m and m.group(2) == "appRoleAssignments" and method == "POST":
-    state["assignments"].setdefault(m.group(1), []).append(body); answer = body
+elif m and m.group(2) == "appRoleAssignedTo" and method == "POST" and m.group(1) == body["resourceId"]:
+    state["assignments"].setdefault(body["principalId"], []).append(body); answer = body
 elif m and m.group(2) == "owners" and method == "GET":
     answer = {{"value": state["owners"].get(m.group(1), [])}}
 elif m and m.group(2) == "owners/$ref" and method == "POST":
@@ -420,11 +644,44 @@ def test_grant_script_owned_by_mode_adds_role_and_ownership_once(fake_az):
     assert again.stdout.count("Skipped: ") == 2 and len(posts(state)) == 2
 
 
+def test_grant_script_posts_to_the_graph_resources_app_role_assigned_to(fake_az):
+    """Graph's way to grant an app role to a service principal:
+    https://learn.microsoft.com/graph/api/serviceprincipal-post-approleassignedto"""
+    result, state = fake_az("--principal-id", MI)
+    assert result.returncode == 0, result.stderr
+    [post] = posts(state)
+    assert post[1] == f"https://graph.microsoft.com/v1.0/servicePrincipals/{GRAPH_SP}/appRoleAssignedTo"
+
+
+@pytest.mark.parametrize("cloud,root", [("Global", "https://graph.microsoft.com"),
+                                        ("USGovL4", "https://graph.microsoft.us"),
+                                        ("USGovL5", "https://dod-graph.microsoft.us")])
+def test_grant_script_asks_for_tokens_of_the_graph_root_it_calls(fake_az, cloud, root):
+    """`az rest` derives a token audience only from the active cloud's known endpoints; for any other
+    root (dod-graph.microsoft.us) it must be told with --resource:
+    https://learn.microsoft.com/cli/azure/reference-index#az-rest"""
+    result, state = fake_az("--principal-id", MI, "--mode", "ownedby", "--target-sp", TARGET, "--cloud", cloud)
+    assert result.returncode == 0, result.stderr
+    assert len(posts(state)) == 2
+    assert all(c[1].startswith(root + "/") and c[3] == root for c in state["calls"]), state["calls"]
+
+
 def test_grant_script_takes_azd_outputs_cloud_and_dry_run(fake_az):
     result, state = fake_az("--dry-run", APP_IDENTITY_PRINCIPAL_ID=MI, GRAPH_CLOUD="USGovL4")
     assert result.returncode == 0, result.stderr
     assert "Would grant Microsoft Graph Synchronization.ReadWrite.All" in result.stdout
     assert not posts(state) and all(c[1].startswith("https://graph.microsoft.us/") for c in state["calls"])
+
+
+@pytest.mark.parametrize("env,warned", [({"ALLOWED_CLIENT_ROLES": "Provisioning.Submit"}, True),
+                                        ({"ALLOWED_CLIENT_APP_IDS": APP_A, "EASY_AUTH_CLIENT_ID": API_CLIENT}, False),
+                                        ({}, False)])
+def test_postprovision_warns_when_callers_are_named_without_the_api_client_id(env, warned):
+    hook = INFRA / "scripts" / "postprovision.sh"
+    result = subprocess.run(["sh", str(hook)], capture_output=True, text=True, timeout=60,
+                            env={"PATH": os.environ["PATH"], "APP_IDENTITY_PRINCIPAL_ID": MI, **env})
+    assert result.returncode == 0
+    assert ("EASY_AUTH_CLIENT_ID is empty" in result.stdout) is warned
 
 
 @pytest.mark.parametrize("args,message", [

@@ -23,6 +23,8 @@ from azure.identity import ManagedIdentityCredential
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from shared.graph.decoding import STATUS_INFO_KEY, decode
+from shared.models import GraphKeyValue
 from simulators import (
     SIM_CLIENT_ID,
     SIM_OBJECT_ID,
@@ -251,6 +253,75 @@ def test_group_with_members_gets_empty_value(sims, client):
     assert r.status_code == 200
     assert json.loads(r.json()["key"]) == {"result": "Success", "details": {}}
     assert r.json()["value"] == "{}"
+
+
+def test_a_cross_tenant_job_answers_in_the_statusinfo_shape(sims, client):
+    sims.graph.set_job(SP_ID, JOB_ID, template_id="Azure2Azure")
+    r = client.post(pod_url(sims), json=user_body(), headers=auth(sims.mint_token()))
+    assert r.status_code == 200 and r.json()["key"] == STATUS_INFO_KEY
+    [entry] = json.loads(r.json()["value"])
+    assert [s["name"] for s in entry["provisioningSteps"]][-1] == "EntryExportAdd"
+    outcome = decode(GraphKeyValue.model_validate(r.json()))
+    assert (outcome.answerShape, outcome.result, outcome.verdict) == ("statusInfo", "Success", "created")
+    # Another job keeps the documented shape.
+    other = client.post(pod_url(sims, job="other-job"), json=user_body(), headers=auth(sims.mint_token()))
+    assert json.loads(other.json()["key"])["result"] == "Success"
+
+
+def test_a_subject_out_of_scope_is_skipped_until_its_assignment_applies(sims, client):
+    admin = sims.graph.base_url + "/_sim/out_of_scope"
+    assert client.post(admin, json={"objectId": "9f3e2a10-0000-4000-8000-000000000001", "calls": 2}).json() == {
+        "9f3e2a10-0000-4000-8000-000000000001": 2}
+    answers = [client.post(pod_url(sims), json=user_body(), headers=auth(sims.mint_token())).json() for _ in range(3)]
+    keys = [json.loads(a["key"]) for a in answers]
+    assert [k["result"] for k in keys] == ["Skipped", "Skipped", "Success"]
+    assert keys[0]["details"] == {"errorCode": "NotEffectivelyEntitled"}
+    assert [decode(GraphKeyValue.model_validate(a)).verdict for a in answers] == ["outOfScope", "outOfScope", "created"]
+    assert client.get(admin).json() == {}
+    # In the StatusInfo shape the skip is a step with its SkipReason.
+    sims.graph.set_job(SP_ID, JOB_ID, template_id="Azure2Azure")
+    sims.graph.set_out_of_scope("9f3e2a10-0000-4000-8000-000000000001")
+    skipped = client.post(pod_url(sims), json=user_body(), headers=auth(sims.mint_token())).json()
+    outcome = decode(GraphKeyValue.model_validate(skipped))
+    assert (outcome.answerShape, outcome.verdict, outcome.reasonCode) == ("statusInfo", "outOfScope",
+                                                                          "NotEffectivelyEntitled")
+
+
+def test_owned_by_without_owning_the_service_principal_is_401_unknown_error_with_empty_message(sims, client):
+    owned_by = sims.mint_token(roles=["Application.ReadWrite.OwnedBy"])
+    assert client.post(pod_url(sims), json=user_body(), headers=auth(owned_by)).status_code == 200  # no owners set
+    client.post(sims.graph.base_url + "/_sim/owners", json={"servicePrincipalId": SP_ID, "owners": ["someone-else"]})
+    r = client.post(pod_url(sims), json=user_body(), headers=auth(owned_by))
+    assert r.status_code == 401
+    assert r.json()["error"]["code"] == "UnknownError" and r.json()["error"]["message"] == ""
+    # Synchronization.ReadWrite.All does not depend on ownership; an owner's OwnedBy token works.
+    assert client.post(pod_url(sims), json=user_body(), headers=auth(sims.mint_token())).status_code == 200
+    sims.graph.set_owners(SP_ID, [SIM_OBJECT_ID])
+    assert client.post(pod_url(sims), json=user_body(), headers=auth(owned_by)).status_code == 200
+
+
+BOSS = {"objectId": "0b3e6b3c-2a54-4f6e-9a49-1d0c7a1f2b01", "objectTypeName": "User"}
+
+
+def test_links_manager_and_owners_are_accepted_and_recorded(sims, client):
+    bodies = [user_body(links={"manager": BOSS}), user_body("grp-1", "Group", links={"owners": [BOSS]})]
+    for body in bodies:
+        assert client.post(pod_url(sims), json=body, headers=auth(sims.mint_token())).status_code == 200
+    assert [c["body"] for c in sims.graph.calls()] == bodies
+
+
+@pytest.mark.parametrize("links,code", [
+    ({"manager": [BOSS]}, "BadRequest"),
+    ({"owners": BOSS}, "BadRequest"),
+    ({"owners": [{"objectTypeName": "User"}]}, "RequestParameterInvalid"),
+    ({"manager": {"objectId": "", "objectTypeName": "User"}}, "RequestParameterInvalid"),
+    ({"manager": dict(BOSS, title="CEO")}, "BadRequest"),
+    ({"admins": [BOSS]}, "BadRequest"),
+    ("manager", "BadRequest"),
+])
+def test_malformed_links_are_400_like_graph(sims, client, links, code):
+    r = client.post(pod_url(sims), json=user_body(links=links), headers=auth(sims.mint_token()))
+    assert_graph_error(r, 400, code)
 
 
 # --- Graph: authentication, authorization, validation -------------------------------------------

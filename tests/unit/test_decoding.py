@@ -99,3 +99,166 @@ def test_degenerate_answers_decode(key, value):
 def test_decode_never_raises(key, value):
     outcome = decode(GraphKeyValue(key=key, value=value))
     assert isinstance(outcome.result, str)
+
+
+# --- answer shapes, verdicts and diagnoses -----------------------------------------------------------
+
+from shared.graph.decoding import (  # noqa: E402
+    STATUS_INFO_KEY,
+    UNKNOWN_401_DIAGNOSIS,
+    failure_outcome,
+)
+from shared.graph.out_of_scope import MAX_OUT_OF_SCOPE_RETRIES, decide_out_of_scope_retry  # noqa: E402
+from shared.models import Verdict, WorkItem  # noqa: E402
+from shared.settings import Settings  # noqa: E402
+
+TUTORIAL = json.loads((GOLDEN / "statusinfo_tutorial.json").read_text())
+VERDICTS = set(Verdict.__args__)
+
+
+@pytest.mark.parametrize("name,shape,verdict,reason", [
+    ("example1_user_skipped", "documented", "noChange", "RedundantExport"),
+    ("example2_cloudsync_success", "documented", "updated", "EntryExportUpdate"),
+    ("example3_group_members", "group", "unknown", "SucceededWithoutSteps"),
+])
+def test_the_api_pages_three_examples_get_their_verdicts(name, shape, verdict, reason):
+    outcome = decode(golden(name))
+    assert (outcome.answerShape, outcome.verdict, outcome.reasonCode) == (shape, verdict, reason)
+
+
+def test_the_group_answer_says_where_to_look():
+    assert "provisioning logs" in decode(golden("example3_group_members")).diagnosis
+
+
+def test_tutorial_statusinfo_answer_exactly_as_printed_is_recognised_and_kept_raw():
+    # The tutorial prints the value cut off (and with a trailing comma): not JSON, so nothing is invented.
+    answer = GraphKeyValue.model_validate(TUTORIAL["response"])
+    outcome = decode(answer)
+    assert outcome.answerShape == "statusInfo"
+    assert (outcome.result, outcome.verdict, outcome.reasonCode) == (UNKNOWN_RESULT, "unknown", "Unreadable")
+    assert outcome.rawKey is None and outcome.rawValue == TUTORIAL["response"]["value"]
+    assert "rawKey/rawValue" in outcome.diagnosis
+
+
+def test_tutorial_statusinfo_answer_completed_derives_its_result_from_the_steps():
+    outcome = decode(GraphKeyValue.model_validate(TUTORIAL["completed"]))
+    assert outcome.answerShape == "statusInfo"
+    assert (outcome.result, outcome.verdict, outcome.reasonCode) == ("Success", "created", "EntryExportAdd")
+    assert [s.name for s in outcome.steps] == ["EntryImport", "EntryImport", "EntrySynchronizationScoping",
+                                               "EntryExportAdd"]
+    assert outcome.steps[0].details["userPrincipalName"] == "user1@fabrikam.com"
+    assert outcome.rawKey is None and outcome.rawValue is None and outcome.errorCode is None
+
+
+def _status_info(*steps: dict, extra: dict | None = None) -> GraphKeyValue:
+    return GraphKeyValue(key=STATUS_INFO_KEY, value=json.dumps([{"provisioningSteps": list(steps), **(extra or {})}]))
+
+
+def _step(name: str, type_: str, status: str, **details: str) -> dict:
+    return {"name": name, "type": type_, "status": status, "details": details}
+
+
+OTHER = {"action": "Other"}
+IMPORT = _step("EntryImport", "Import", "Success")
+SCOPED = _step("EntrySynchronizationScoping", "Scoping", "Success")
+
+
+@pytest.mark.parametrize("steps,result,verdict,reason", [
+    ([IMPORT, SCOPED, _step("EntryExportAdd", "Export", "Success")], "Success", "created", "EntryExportAdd"),
+    ([IMPORT, SCOPED, _step("EntryExportUpdate", "Export", "Success")], "Success", "updated", "EntryExportUpdate"),
+    ([IMPORT, SCOPED, _step("EntryExportDelete", "Export", "Success")], "Success", "deleted", "EntryExportDelete"),
+    ([IMPORT, SCOPED, _step("EntryExportUpdateSoftDelete", "Export", "Success")], "Success", "disabled",
+     "EntryExportUpdateSoftDelete"),
+    ([IMPORT, SCOPED, _step("EntrySynchronizationSkip", "Export", "Skipped", SkipReason="RedundantExport")],
+     "Skipped", "noChange", "RedundantExport"),
+    ([IMPORT, _step("EntrySynchronizationSkip", "Export", "Skipped", SkipReason="NotEffectivelyEntitled")],
+     "Skipped", "outOfScope", "NotEffectivelyEntitled"),
+    ([IMPORT, _step("EntrySynchronizationScoping", "Scoping", "Skipped")], "Skipped", "outOfScope", "ScopingSkipped"),
+    ([IMPORT, SCOPED, _step("EntryExportAdd", "Export", "Failure", ErrorCode="EntryConflict")], "Failure", "failed",
+     "EntryConflict"),
+    ([IMPORT], "Success", "unknown", "Success"),
+])
+def test_statusinfo_steps_decide_result_and_verdict(steps, result, verdict, reason):
+    outcome = decode(_status_info(*steps))
+    assert (outcome.result, outcome.verdict, outcome.reasonCode) == (result, verdict, reason)
+
+
+@pytest.mark.parametrize("key,value,verdict,reason", [
+    ({"result": "Success", "details": {}}, {"action": "Create", "provisioningSteps": []}, "created", "action:Create"),
+    ({"result": "Success", "details": {}}, {"action": "Disable"}, "disabled", "action:Disable"),
+    ({"result": "Skipped", "details": {"errorCode": "NotEffectivelyEntitled"}}, OTHER, "outOfScope",
+     "NotEffectivelyEntitled"),
+    ({"result": "Failure", "details": {"errorCode": "InsufficientRights"}}, OTHER, "failed", "InsufficientRights"),
+    ({"result": "Failure", "details": {}}, OTHER, "failed", "Failure"),
+    ({"result": "Skipped", "details": {"errorCode": "SomethingNew"}}, OTHER, "unknown", "SomethingNew"),
+    ({"result": "Warning", "details": {}}, {"provisioningSteps": [_step("EntryExportUpdate", "Export", "Warning")]},
+     "updated", "EntryExportUpdate"),
+])
+def test_documented_shape_verdicts(key, value, verdict, reason):
+    outcome = decode(GraphKeyValue(key=json.dumps(key), value=json.dumps(value)))
+    assert outcome.answerShape == "documented"
+    assert (outcome.verdict, outcome.reasonCode) == (verdict, reason)
+
+
+@pytest.mark.parametrize("value", ["[]", '[{"provisioningSteps":[]}]', '[{"other":1}]', '{"a":1}', "[1]"])
+def test_a_statusinfo_answer_without_steps_is_unknown_and_kept_raw(value):
+    outcome = decode(GraphKeyValue(key=STATUS_INFO_KEY, value=value))
+    assert (outcome.answerShape, outcome.result, outcome.verdict, outcome.reasonCode) == (
+        "statusInfo", UNKNOWN_RESULT, "unknown", "Unreadable")
+    assert outcome.rawValue == value and outcome.rawKey is None
+
+
+def test_out_of_scope_says_what_to_do():
+    outcome = decode(_status_info(IMPORT, _step("EntrySynchronizationSkip", "Export", "Skipped",
+                                                SkipReason="NotEffectivelyEntitled")))
+    assert "not assigned to the app or not in scope yet; assignments take a few minutes to apply" in outcome.diagnosis
+    assert outcome.errorCode == "NotEffectivelyEntitled"
+
+
+def test_401_unknown_error_with_empty_message_names_the_ownership_trap():
+    outcome = failure_outcome("Error", "UnknownError", "Graph answered 401", 401)
+    assert (outcome.verdict, outcome.reasonCode) == ("failed", "UnknownError")
+    assert outcome.diagnosis == UNKNOWN_401_DIAGNOSIS
+    assert ("the identity lacks the role, or with Application.ReadWrite.OwnedBy it does not own the enterprise app's "
+            "service principal (owning the app registration is not enough)") in outcome.diagnosis
+    assert failure_outcome("Error", "InvalidAuthenticationToken", "expired", 401).diagnosis is None
+    assert failure_outcome("Error", "UnknownError", "boom", 500).diagnosis is None
+
+
+@given(st.one_of(st.none(), st.text()), st.one_of(st.none(), st.text(), st.just("[]"), st.just('[{"a":1}]')))
+def test_every_answer_gets_a_verdict_and_a_reason(key, value):
+    for k in (key, STATUS_INFO_KEY):
+        outcome = decode(GraphKeyValue(key=k, value=value))
+        assert outcome.verdict in VERDICTS and outcome.reasonCode
+        assert outcome.answerShape in ("documented", "group", "statusInfo", "unreadable")
+
+
+# --- out-of-scope retry decision -------------------------------------------------------------------
+
+def _item(retries: int = 0) -> WorkItem:
+    return WorkItem.model_validate({"requestId": "r", "servicePrincipalId": "sp", "jobId": "j", "ruleId": "x",
+                                    "subject": {"objectId": "o", "objectTypeName": "User"},
+                                    "receivedAt": "2026-01-01T00:00:00Z", "outOfScopeRetries": retries})
+
+
+def settings_with(**values: str) -> Settings:
+    return Settings(AzureWebJobsStorage="UseDevelopmentStorage=true", **values)
+
+
+OUT_OF_SCOPE = decode(GraphKeyValue(key='{"result":"Skipped","details":{"errorCode":"NotEffectivelyEntitled"}}', value="{}"))
+
+
+def test_out_of_scope_retry_is_off_by_default():
+    assert settings_with().out_of_scope_retry_minutes == 0
+    assert decide_out_of_scope_retry(OUT_OF_SCOPE, _item(), settings_with()) is None
+
+
+def test_out_of_scope_retry_waits_the_setting_at_most_twice():
+    settings = settings_with(OUT_OF_SCOPE_RETRY_MINUTES="3")
+    assert [decide_out_of_scope_retry(OUT_OF_SCOPE, _item(n), settings) for n in range(4)] == [180.0, 180.0, None, None]
+    assert MAX_OUT_OF_SCOPE_RETRIES == 2
+
+
+def test_only_out_of_scope_answers_are_retried():
+    settings = settings_with(OUT_OF_SCOPE_RETRY_MINUTES="3")
+    assert decide_out_of_scope_retry(decode(golden("example1_user_skipped")), _item(), settings) is None

@@ -20,6 +20,7 @@ def items(req: func.HttpRequest) -> func.HttpResponse:
         "params": dict(req.params),
         "body": req.get_body().decode("utf-8"),
         "header": req.headers.get("x-test"),
+        "principal": req.headers.get("x-ms-client-principal"),
     }
     return func.HttpResponse(json.dumps(payload), mimetype="application/json",
                              headers={"X-Function": "items"})
