@@ -9,6 +9,7 @@ import time
 import uuid
 
 import httpx
+from azure.core.exceptions import ServiceRequestError
 import pytest
 
 from scripts.local_stack import EXAMPLE_JOB, EXAMPLE_RULE, EXAMPLE_SP
@@ -175,3 +176,26 @@ def test_the_upkeep_timer_runs_the_sweep(rt):
     clock[0] += 61
     handlers.lease_upkeep(rt)
     assert list(rt.answers.table.list_entities()) == []
+
+
+def test_a_202_whose_answer_cannot_be_remembered_is_still_a_202_and_the_retry_waits(rt):
+    # The calls are queued before the answer is stored: the caller must hear "accepted", and a
+    # retry must not queue them again while the key is pending.
+    class RememberFails:
+        def __init__(self, table):
+            self.table = table
+
+        def __getattr__(self, name):
+            return getattr(self.table, name)
+
+        def update_entity(self, *args, **kwargs):
+            raise ServiceRequestError("connection reset")
+    real, event = rt.answers.table, {"objectId": user(), "objectTypeName": "User"}
+    rt.answers.table = RememberFails(real)
+    try:
+        first = post(rt, event, key="lost-answer")
+    finally:
+        rt.answers.table = real
+    assert first.status == 202 and first.work
+    retry = post(rt, event, key="lost-answer")
+    assert retry.status == 409 and retry.work == [] and retry.headers["Retry-After"]
