@@ -35,6 +35,7 @@ test-fast: $(VENV)/.installed
 
 bench: setup
 	$(PY) -m scripts.bench --requests 60
+	$(PY) -m scripts.bench_intake --clients 8 --seconds 15
 
 bench-full: setup
 	$(PY) -m scripts.bench --requests 300

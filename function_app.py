@@ -9,6 +9,7 @@ routes answer 503 naming them and the queue functions park their messages
 import json
 import re
 from typing import TYPE_CHECKING, List
+from urllib.parse import urlsplit
 
 import azure.functions as func
 
@@ -29,10 +30,14 @@ def _reply(reply: "HttpReply") -> func.HttpResponse:
 @app.queue_output(arg_name="work", queue_name="%WORK_QUEUE%", connection=CONNECTION)
 def provision(req: func.HttpRequest, work: func.Out[List[str]]) -> func.HttpResponse:
     from shared import handlers
+    from shared.intake.callers import caller_of
     from shared.operations.readiness import http_door
 
     headers = dict(req.headers)
-    reply = http_door(headers, lambda rt: handlers.provision_http(req.get_body(), headers, rt, params=dict(req.params)))
+    # The signature covers the method and path; Idempotency-Keys are scoped to the Entra ID caller.
+    reply = http_door(headers, lambda rt: handlers.provision_http(
+        req.get_body(), headers, rt, params=dict(req.params), method=req.method, path=urlsplit(req.url).path,
+        caller=caller_of(headers, rt.settings)))
     if reply.work:
         work.set(reply.work)
     return _reply(reply)

@@ -62,6 +62,8 @@ param retryBaseSeconds string = ''
 param retryMaxSeconds string = ''
 param maxExpectedWaitHours string = ''
 param maxBodyBytes string = ''
+param maxCallsPerPost string = ''
+param idempotencyRetentionHours string = ''
 param outOfScopeRetryMinutes string = ''
 param webhookSignatureHeader string = ''
 param webhookTimestampHeader string = ''
@@ -93,6 +95,8 @@ param coalesceRequests string = 'true'
 param statusTable string = 'provisionstatus'
 @description('Table where each result callback\'s state is kept (shared/results/callbacks.py).')
 param callbackTable string = 'provisioncallbacks'
+@description('The table of Idempotency-Key answers and seen webhook signatures (letters and digits).')
+param idempotencyTable string = 'provisionkeys'
 
 @description('Start a quarantined job (never a paused one) when a call finds it so, at most once per cooldown.')
 @allowed(['true', 'false'])
@@ -189,7 +193,7 @@ module storage 'modules/storage.bicep' = {
     skuName: storageSkuName
     queueNames: allQueues
     containerNames: containerNames
-    tableNames: [statusTable, callbackTable]
+    tableNames: [statusTable, callbackTable, idempotencyTable]
   }
 }
 
@@ -247,6 +251,8 @@ var appSettings = {
   CALLBACK_QUEUE: queueNames.callbacks
   CALLBACK_TABLE: callbackTable
   COALESCE_REQUESTS: coalesceRequests
+  IDEMPOTENCY_TABLE: idempotencyTable
+  IDEMPOTENCY_RETENTION_HOURS: idempotencyRetentionHours
   HIGH_PRIORITY_SHARE: highPriorityShare
 
   RATE_LIMIT_CALLS: string(rateLimitCalls)
@@ -262,6 +268,7 @@ var appSettings = {
   RETRY_MAX_SECONDS: retryMaxSeconds
   MAX_EXPECTED_WAIT_HOURS: maxExpectedWaitHours
   MAX_BODY_BYTES: maxBodyBytes
+  MAX_CALLS_PER_POST: maxCallsPerPost
   OUT_OF_SCOPE_RETRY_MINUTES: outOfScopeRetryMinutes
 
   RULE_CACHE_SECONDS: ruleCacheSeconds

@@ -5,6 +5,7 @@
     ├── BacklogTooLong                booking would put a call further out than MAX_EXPECTED_WAIT_HOURS
     ├── RedeliverLater                make the host deliver a queue message again (visibilityTimeout)
     ├── StatusStoreUnavailable        the status table could not be read or written; retry later
+    ├── KeyStoreUnavailable           the table of idempotency keys and seen signatures could not be reached
     ├── SettingsError                 configuration missing or invalid (also a RuntimeError); `.settings` names them
     ├── UploadFailed                  the Logs Ingestion API refused or could not be reached
     └── GraphFailure                  a provisionOnDemand (or job/schema) call did not succeed
@@ -57,6 +58,11 @@ class RedeliverLater(ProvisioningError):
 
 class StatusStoreUnavailable(ProvisioningError):
     """The status table could not be read or written; the caller retries later."""
+
+
+class KeyStoreUnavailable(ProvisioningError):
+    """The table of remembered answers (shared/intake/idempotency.py) could not be read or written;
+    nothing was acted on, the caller retries later."""
 
 
 class SettingsError(ProvisioningError, RuntimeError):

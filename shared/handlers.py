@@ -7,12 +7,14 @@ from typing import Mapping
 from shared.deadletters import dead_letter_for
 from shared.errors import (
     BacklogTooLong,
+    KeyStoreUnavailable,
     RedeliverLater,
     RequestRejected,
     StatusStoreUnavailable,
 )
 from shared.intake import cloudevents
 from shared.intake import dry_run as dryrun
+from shared.intake.idempotency import SHARED_SCOPE, Answer, body_hash, idempotency_key
 from shared.intake.names import NameResolver
 from shared.intake.rule_discovery import RuleResolver, cache_for
 from shared.intake.signatures import verify as verify_signature
@@ -32,6 +34,8 @@ from shared.runtime import Runtime
 from shared.worker import handle_work_message
 
 log = logging.getLogger(__name__)
+# Not in the Idempotency-Key draft, which leaves the replay's form open; the name Stripe uses.
+REPLAYED_HEADER = "Idempotent-Replayed"
 
 
 def _enqueue(accepted: list[AcceptedRequest], rt: Runtime) -> list[str]:
@@ -90,29 +94,88 @@ def _accept_http(text: str, headers: Mapping[str, str], rt: Runtime) -> list[Acc
     if not cloudevents.is_cloudevent(headers):
         return _accept(text, rt)
     events = cloudevents.unwrap(text, headers)
-    # Merge note: cloudevents.cloudevent_idempotency_key(event.ref()) per event is the key to hand to the
-    # Idempotency-Key mechanism (shared/intake/idempotency.py) in place of the header.
     accepted = _accept(cloudevents.data_text(events, headers), rt)
     return cloudevents.stamp(accepted, events)
 
 
-def provision_http(body: bytes, headers: Mapping[str, str], rt: Runtime,
-                   params: Mapping[str, str] | None = None) -> HttpReply:
+def _key_of(text: str, headers: Mapping[str, str]) -> str | None:
+    """The request's idempotency key: the Idempotency-Key header, else a CloudEvent's source + id
+    (a batch's events together, so a batch retried as it was is recognised)."""
+    key = idempotency_key(headers)
+    if key is not None or not cloudevents.is_cloudevent(headers):
+        return key
     try:
-        # First: an unsigned caller learns nothing else about what we would accept.
-        verify_signature(body, headers, rt.settings)
-        text = check_http_request(body, headers, rt.settings)
-        accepted = _accept_http(text, headers, rt)
-        if dryrun.wanted(params):
-            # -WhatIf: nothing booked, no capacity taken, nothing sent to Graph.
-            return HttpReply(200, dryrun.describe(accepted, rt.settings))
-        work = _enqueue(accepted, rt)
-    except RequestRejected as rejected:
-        return error_reply(rejected)
-    except StatusStoreUnavailable:
-        return error_reply(_status_unavailable())
+        keys = [cloudevents.cloudevent_idempotency_key(e.ref()) for e in cloudevents.unwrap(text, headers)]
+    except RequestRejected:
+        return None  # _provision answers with what is wrong
+    return keys[0] if len(keys) == 1 else cloudevents.batch_idempotency_key(keys)
+
+
+def _provision(text: str, headers: Mapping[str, str], rt: Runtime, params: Mapping[str, str] | None) -> HttpReply:
+    accepted = _accept_http(text, headers, rt)
+    if dryrun.wanted(params):
+        # -WhatIf: nothing booked, no capacity taken, nothing sent to Graph.
+        return HttpReply(200, dryrun.describe(accepted, rt.settings))
+    work = _enqueue(accepted, rt)
     log.info("accepted %d request(s), %d call(s) over HTTP", len(accepted), sum(len(a.items) for a in accepted))
     return HttpReply(202, {"accepted": len(accepted), "requests": [a.summary() for a in accepted]}, work=work)
+
+
+def _provision_once(key: str, caller: str | None, text: str, headers: Mapping[str, str], rt: Runtime,
+                    params: Mapping[str, str] | None) -> HttpReply:
+    """POST with an Idempotency-Key: the first use acts and its 202 is remembered; a retry with the
+    same payload gets that 202 again (same requestIds) and nothing is queued twice."""
+    recalled = rt.answers.recall(key, caller or SHARED_SCOPE, body_hash(text))
+    if recalled.state == "replay" and recalled.answer is not None:
+        return HttpReply(recalled.answer.status, recalled.answer.body, {REPLAYED_HEADER: "true"})
+    if recalled.state == "mismatch":
+        raise RequestRejected(422, "IdempotencyKeyReused", "this Idempotency-Key was already used with another "
+                              "request body; use a new key for a new request",
+                              [{"field": "Idempotency-Key", "message": "key reused with a different payload"}])
+    if recalled.state != "new":
+        raise RequestRejected(409, "IdempotencyKeyInProgress", "a request with this Idempotency-Key is still "
+                              "being processed; retry shortly to get its answer", headers={"Retry-After": "5"})
+    try:
+        reply = _provision(text, headers, rt, params)
+    except Exception:
+        rt.answers.forget(recalled)
+        raise
+    if reply.status != 202:  # a dry run acted on nothing: the key stays free
+        rt.answers.forget(recalled)
+        return reply
+    try:
+        rt.answers.remember(recalled, Answer(status=reply.status, body=reply.body))
+    except KeyStoreUnavailable:
+        # The calls are queued: answer as accepted. A retry meets the pending key (409) until it
+        # can be taken over; README "When a subject can be called twice" says what then happens.
+        log.warning("accepted calls, but their Idempotency-Key answer could not be remembered")
+    return reply
+
+
+def provision_http(body: bytes, headers: Mapping[str, str], rt: Runtime, params: Mapping[str, str] | None = None,
+                   *, method: str = "POST", path: str = "/api/provision", caller: str | None = None) -> HttpReply:
+    """POST /api/provision. `caller` (the Entra ID caller, when known) scopes Idempotency-Keys."""
+    signature = None
+    try:
+        # First: an unsigned caller learns nothing else about what we would accept.
+        signature = verify_signature(body, headers, rt.settings, method=method, path=path, params=params,
+                                     seen=rt.answers if rt.settings.webhook_hmac_secret else None)
+        text = check_http_request(body, headers, rt.settings)
+        key = _key_of(text, headers)
+        reply = (_provision(text, headers, rt, params) if key is None
+                 else _provision_once(key, caller, text, headers, rt, params))
+    except RequestRejected as rejected:
+        reply = error_reply(rejected)
+    except StatusStoreUnavailable:
+        reply = error_reply(_status_unavailable())
+    except KeyStoreUnavailable:
+        reply = error_reply(RequestRejected(503, "KeyStoreUnavailable", "the table of idempotency keys and "
+                                             "signatures cannot be reached right now; nothing was accepted, try "
+                                             "again shortly", headers={"Retry-After": "5"}))
+    if signature is not None and reply.status >= 300:
+        # Not acted on: the same signed request, retried as it is, must not be refused as a replay.
+        rt.answers.forget(signature)
+    return reply
 
 
 # As host.json's maxDequeueCount: the last delivery dead-letters with the reason instead of raising.
@@ -171,5 +234,6 @@ def work_message(raw: bytes | str, rt: Runtime) -> None:
 def lease_upkeep(rt: Runtime) -> None:
     rt.gate_for().ensure_pool()
     poison.sweep(rt)
+    rt.answers.sweep()
     # Runs only with valid settings: what was parked while they were invalid can be processed now.
     return_parked(rt)

@@ -343,6 +343,9 @@ class GraphKeyValue(BaseModel):
 
     key: str | None = None
     value: str | None = None
+    # Set by the client, never by Graph: a 200 whose body was not this envelope, and why.
+    body: str | None = Field(None, exclude=True)
+    problem: str | None = Field(None, exclude=True)
 
 
 class Step(BaseModel):
@@ -401,6 +404,7 @@ class Outcome(BaseModel):
     modifiedProperties: list[ModifiedProperty] = Field(default_factory=list)
     rawKey: str | None = None
     rawValue: str | None = None
+    rawBody: str | None = None  # Graph's whole 200 answer, when it was not the {key, value} envelope
 
 
 class JobStatus(BaseModel):
@@ -434,7 +438,8 @@ class ResultMessage(Outcome):
     attempts: int
     receivedAt: datetime
     completedAt: datetime
-    truncated: bool = False
+    truncated: bool = False  # cut to fit a queue message or table row; truncatedFields says what
+    truncatedFields: list[str] = Field(default_factory=list)
     priority: Priority = "normal"
     callsSaved: int = 0  # other requests this call served (coalescing): Graph calls not made
     servedBy: str | None = None  # the resultId of the call that served this request, when coalesced
@@ -456,6 +461,7 @@ class DeadLetter(BaseModel):
     source: str
     original: str
     originalTruncated: bool = False
+    truncatedFields: list[str] = Field(default_factory=list)  # what was cut to fit a queue message
     requestId: str | None = None
     attempts: int | None = None
     deadLetteredAt: datetime = Field(default_factory=utcnow)

@@ -10,7 +10,6 @@ import logging
 from typing import Any
 
 from azure.core.exceptions import ResourceExistsError
-from azure.data.tables import TableClient, TableServiceClient
 from azure.storage.queue import QueueClient, QueueServiceClient
 from pydantic import BaseModel
 
@@ -39,24 +38,6 @@ def service_client(settings: Settings) -> QueueServiceClient:
     from shared.graph.credentials import app_credential
 
     return QueueServiceClient(settings.queue_service_uri, credential=app_credential(settings.azure_client_id))
-
-
-def table_service(settings: Settings) -> TableServiceClient:
-    """The account's Table service, by connection string or by the app's identity (as the queues)."""
-    conn = connection_string(settings)
-    if conn:
-        return TableServiceClient.from_connection_string(conn)
-    from shared.graph.credentials import app_credential
-
-    return TableServiceClient(settings.table_service_uri, credential=app_credential(settings.azure_client_id))
-
-
-def create_table(table: TableClient) -> None:
-    """Idempotent, as for queues: many instances may race to create it."""
-    try:
-        table.create_table()
-    except ResourceExistsError:
-        pass
 
 
 class Queues:

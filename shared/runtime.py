@@ -10,6 +10,7 @@ import httpx
 
 from shared.graph.client import GraphClient
 from shared.graph.credentials import app_credential
+from shared.intake.idempotency import AnswerBook
 from shared.models import WorkItem
 from shared.queues import Queues, service_client
 from shared.ratelimit.slot_timeline import Schedule
@@ -32,6 +33,7 @@ class Runtime:
     status: StatusStore
     callbacks: CallbackLedger
     callback_http: httpx.Client
+    answers: AnswerBook  # Idempotency-Keys and seen webhook signatures
     _gates: dict[str, RateGate] = field(default_factory=dict)
     _schedules: dict[str, Schedule] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -65,7 +67,7 @@ def build_runtime(settings: Settings) -> Runtime:
     graph = GraphClient(settings, app_credential(settings.azure_client_id))
     return Runtime(settings=settings, queues=queues, graph=graph, sinks=result_sinks(settings, queues),
                    status=StatusStore.connect(settings), callbacks=CallbackLedger.connect(settings),
-                   callback_http=http_client(settings))
+                   callback_http=http_client(settings), answers=AnswerBook.connect(settings))
 
 
 @lru_cache(maxsize=1)

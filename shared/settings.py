@@ -55,10 +55,13 @@ class RateLimitScope(str, Enum):
     JOB = "job"
 
 
+TABLE_NAME = r"^[A-Za-z][A-Za-z0-9]{2,62}$"
+HEADER_NAME = r"^[A-Za-z0-9-]{1,64}$"
+
+
 class Settings(BaseSettings):
     # Empty values (as in local.settings.sample.json) mean "use the default".
-    model_config = SettingsConfigDict(case_sensitive=True, extra="ignore", populate_by_name=True,
-                                      env_ignore_empty=True)
+    model_config = SettingsConfigDict(case_sensitive=True, extra="ignore", populate_by_name=True, env_ignore_empty=True)
 
     storage_connection: str | None = Field(None, alias="AzureWebJobsStorage")
     storage_queue_service_uri: str | None = Field(None, alias="AzureWebJobsStorage__queueServiceUri")
@@ -81,9 +84,11 @@ class Settings(BaseSettings):
     results_queue: str = Field("provision-results", alias="RESULTS_QUEUE")
     deadletter_queue: str = Field("provision-deadletter", alias="DEADLETTER_QUEUE")
     lease_queue: str = Field("provision-leases", alias="LEASE_QUEUE")
-    # Request status and coalescing (shared/status/store.py): one table, letters and digits only.
-    status_table: str = Field("provisionstatus", alias="STATUS_TABLE", pattern=r"^[A-Za-z][A-Za-z0-9]{2,62}$")
+    # Tables: status and coalescing (shared/status/store.py), keys and seen signatures (shared/intake/idempotency.py).
+    status_table: str = Field("provisionstatus", alias="STATUS_TABLE", pattern=TABLE_NAME)
     coalesce_requests: bool = Field(True, alias="COALESCE_REQUESTS")
+    idempotency_table: str = Field("provisionkeys", alias="IDEMPOTENCY_TABLE", pattern=TABLE_NAME)
+    idempotency_retention_hours: float = Field(24.0, alias="IDEMPOTENCY_RETENTION_HOURS", gt=0, le=720)
     # The most of the rate high-priority calls may take while normal calls wait (shared/ratelimit/slot_timeline.py).
     high_priority_share: float = Field(0.8, alias="HIGH_PRIORITY_SHARE", gt=0, le=0.95)
 
@@ -100,15 +105,14 @@ class Settings(BaseSettings):
     retry_max_seconds: float = Field(900.0, alias="RETRY_MAX_SECONDS", gt=0)
     max_expected_wait_hours: float = Field(72.0, alias="MAX_EXPECTED_WAIT_HOURS", gt=0, le=167)
     max_body_bytes: int = Field(262144, alias="MAX_BODY_BYTES", ge=1024)
+    max_calls_per_post: int = Field(1000, alias="MAX_CALLS_PER_POST", ge=1, le=100000)
     # Make a call again this many minutes after it came back out of scope (shared/graph/out_of_scope.py); 0 = off.
     out_of_scope_retry_minutes: float = Field(0.0, alias="OUT_OF_SCOPE_RETRY_MINUTES", ge=0, le=1440)
 
     # Optional webhook signatures (shared/intake/signatures.py): off while the secret is empty.
     webhook_hmac_secret: str | None = Field(None, alias="WEBHOOK_HMAC_SECRET", repr=False)
-    webhook_signature_header: str = Field("X-Signature", alias="WEBHOOK_SIGNATURE_HEADER",
-                                          pattern=r"^[A-Za-z0-9-]{1,64}$")
-    webhook_timestamp_header: str = Field("X-Timestamp", alias="WEBHOOK_TIMESTAMP_HEADER",
-                                          pattern=r"^[A-Za-z0-9-]{1,64}$")
+    webhook_signature_header: str = Field("X-Signature", alias="WEBHOOK_SIGNATURE_HEADER", pattern=HEADER_NAME)
+    webhook_timestamp_header: str = Field("X-Timestamp", alias="WEBHOOK_TIMESTAMP_HEADER", pattern=HEADER_NAME)
     webhook_tolerance_seconds: int = Field(300, alias="WEBHOOK_TOLERANCE_SECONDS", ge=1, le=86400)
     # Personal values in results become salted hashes (shared/results/redaction.py).
     redact_pii: bool = Field(False, alias="REDACT_PII")
@@ -149,10 +153,8 @@ class Settings(BaseSettings):
     @classmethod
     def _known_cloud(cls, value: str) -> str:
         if value.replace(" ", "").lower() in {"china", "21vianet", "chinacloud", "azurechinacloud"}:
-            raise ValueError(
-                "GRAPH_CLOUD=China is not supported: Microsoft does not offer provisionOnDemand "
-                "in the national cloud operated by 21Vianet. Use Global, USGovL4 or USGovL5."
-            )
+            raise ValueError("GRAPH_CLOUD=China is not supported: Microsoft does not offer provisionOnDemand "
+                             "in the national cloud operated by 21Vianet. Use Global, USGovL4 or USGovL5.")
         allowed = [c.value for c in GraphCloud]
         if value not in allowed:
             raise ValueError(f"GRAPH_CLOUD must be one of {allowed}, got {value!r}")

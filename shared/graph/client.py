@@ -1,9 +1,10 @@
 """Calls Microsoft Graph provisionOnDemand and says what a failure means: retry later or give up."""
 from __future__ import annotations
 
+import json
 import logging
 import time
-from typing import Callable, Mapping
+from typing import Callable, Literal, Mapping
 from urllib.parse import quote
 
 import httpx
@@ -16,6 +17,7 @@ from shared.models import GraphKeyValue, WorkItem
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
+Kind = Literal["transient", "permanent"]
 
 REQUIRED_ROLES_HINT = (
     "The app's managed identity needs the Microsoft Graph application permission "
@@ -77,6 +79,95 @@ def classify(response: httpx.Response) -> GraphFailure:
     return GraphFailure.of("permanent", code, message or f"Graph answered {status}", status)
 
 
+# Every exception httpx raises (https://www.python-httpx.org/exceptions), most specific first:
+# (kind, code, what it means for the call). "may have acted" = the request was complete on the
+# wire, so Graph may already have provisioned the subject: the retry is safe (provisionOnDemand
+# of an unchanged subject answers Skipped/RedundantExport), but the result must not pretend
+# nothing happened.
+TRANSPORT_FAILURES: tuple[tuple[type[Exception], Kind, str, str], ...] = (
+    (httpx.ConnectTimeout, "transient", "Timeout", "no connection to Graph in time; nothing was sent"),
+    (httpx.PoolTimeout, "transient", "Timeout", "no free connection in time; nothing was sent"),
+    (httpx.WriteTimeout, "transient", "Timeout", "the request could not be sent in time; Graph did not get all of it"),
+    (httpx.ReadTimeout, "transient", "Timeout", "Graph did not answer in time; it may have acted"),
+    (httpx.ConnectError, "transient", "ConnectionError", "could not connect to Graph; nothing was sent"),
+    (httpx.WriteError, "transient", "ConnectionError", "the connection failed while sending; Graph did not get all of it"),
+    (httpx.ReadError, "transient", "ConnectionError", "the connection failed before Graph answered; it may have acted"),
+    (httpx.CloseError, "transient", "ConnectionError", "the connection failed while closing; Graph may have acted"),
+    (httpx.RemoteProtocolError, "transient", "ConnectionError",
+     "Graph (or a proxy) broke the HTTP protocol before answering; it may have acted"),
+    (httpx.ProxyError, "transient", "ConnectionError", "the proxy refused the connection; nothing was sent"),
+    (httpx.TimeoutException, "transient", "Timeout", "Graph did not answer in time; it may have acted"),
+    (httpx.NetworkError, "transient", "ConnectionError", "the connection failed; Graph may have acted"),
+    # Ours, not Graph's: the same request would fail the same way again.
+    (httpx.LocalProtocolError, "permanent", "InvalidGraphRequest", "the request could not be written as valid HTTP"),
+    (httpx.UnsupportedProtocol, "permanent", "InvalidGraphEndpoint", "GRAPH_ENDPOINT's scheme is not http or https"),
+    (httpx.InvalidURL, "permanent", "InvalidGraphEndpoint", "the Graph URL is not valid"),
+    (httpx.TooManyRedirects, "permanent", "InvalidGraphEndpoint", "Graph's answers redirected in a loop"),
+    (httpx.DecodingError, "transient", "InvalidGraphResponse", "Graph's answer could not be decoded"),
+    (httpx.TransportError, "transient", "ConnectionError", "the connection to Graph failed; Graph may have acted"),
+    (httpx.HTTPError, "permanent", "GraphClientError", "the HTTP client failed"),
+    (httpx.StreamError, "permanent", "GraphClientError", "the HTTP client misused a stream"),
+    (httpx.CookieConflict, "permanent", "GraphClientError", "the HTTP client found conflicting cookies"),
+)
+HTTPX_ERRORS = (httpx.HTTPError, httpx.InvalidURL, httpx.StreamError, httpx.CookieConflict)
+# A 200 whose body is larger than this is not the documented envelope: keep its start only.
+MAX_RAW_ANSWER_CHARS = 64 * 1024
+
+
+def transport_failure(exc: Exception, timing: SendTiming | None = None) -> GraphFailure:
+    """The GraphFailure for an exception raised while a request was being sent or answered."""
+    for cls, kind, code, meaning in TRANSPORT_FAILURES:
+        if isinstance(exc, cls):
+            return GraphFailure.of(kind, code, f"{type(exc).__name__}: {meaning}", timing=timing)
+    raise exc
+
+
+def _unreadable(text: str, why: str) -> GraphKeyValue:
+    log.warning("Graph answered 200 with %s; the call is reported as Unknown, not retried", why)
+    return GraphKeyValue(body=text[:MAX_RAW_ANSWER_CHARS], problem=why)
+
+
+def _content(response: httpx.Response) -> bytes:
+    """The decoded body; raises DecodingError with the raw bytes kept on it, or a transport error."""
+    if response.is_stream_consumed:  # a transport may hand over a response it has read already
+        return response.content
+    raw = b"".join(response.iter_raw())
+    try:
+        return httpx.Response(response.status_code, headers=response.headers, content=raw).content
+    except httpx.DecodingError as exc:
+        exc.raw = raw  # type: ignore[attr-defined]
+        raise
+
+
+def _answer_of(response: httpx.Response, timing: SendTiming) -> GraphKeyValue:
+    """Graph's answer to a call whose request went out. Any status but 200 raises the classified
+    failure. A 200 is never an error: Graph has acted, so a retry would act twice. A 200 body that
+    cannot be read (cut off, corrupt Content-Encoding, not the key/value envelope) is returned
+    with the raw text, for a result of Unknown."""
+    try:
+        content = _content(response)
+    except HTTPX_ERRORS as exc:
+        raw = getattr(exc, "raw", b"")
+        if response.status_code == 200:
+            return _unreadable(raw.decode("utf-8", "replace"), f"a body that could not be read ({type(exc).__name__})")
+        if not isinstance(exc, httpx.DecodingError):
+            raise transport_failure(exc, timing) from None
+        content = raw
+    if response.status_code != 200:
+        plain = {k: v for k, v in response.headers.items() if k.lower() != "content-encoding"}
+        failure = classify(httpx.Response(response.status_code, headers=plain, content=content))
+        failure.timing = timing
+        raise failure
+    text = content.decode("utf-8", "replace")
+    try:
+        document = json.loads(text)
+    except (ValueError, RecursionError):
+        return _unreadable(text, "a body that is not JSON")
+    if not (isinstance(document, dict) and all(isinstance(document.get(f), (str, type(None))) for f in ("key", "value"))):
+        return _unreadable(text, "a body that is not the documented {key, value} pair of strings")
+    return GraphKeyValue(key=document.get("key"), value=document.get("value"))
+
+
 def _json_object(response: httpx.Response) -> dict:
     try:
         document = response.json()
@@ -111,23 +202,16 @@ class GraphClient:
         path = provision_path(self._settings.graph_api_version, item.servicePrincipalId, item.jobId)
         headers = {"Authorization": f"Bearer {token}", "client-request-id": item.requestId,
                    "return-client-request-id": "true"}
+        request = self._http.build_request("POST", path, json=item.graph_body(), headers=headers,
+                                           extensions={"trace": timing.trace})
         try:
-            response = self._http.post(path, json=item.graph_body(), headers=headers,
-                                       extensions={"trace": timing.trace})
-        except httpx.TimeoutException:
-            raise GraphFailure.of("transient", "Timeout", "Graph did not answer in time", timing=timing) from None
-        except httpx.TransportError as exc:
-            raise GraphFailure.of("transient", "ConnectionError", f"{type(exc).__name__} talking to Graph",
-                               timing=timing) from None
-        if response.status_code != 200:
-            failure = classify(response)
-            failure.timing = timing
-            raise failure
+            response = self._http.send(request, stream=True)
+        except HTTPX_ERRORS as exc:
+            raise transport_failure(exc, timing) from None
         try:
-            return GraphKeyValue.model_validate(response.json())
-        except ValueError:
-            raise GraphFailure.of("transient", "InvalidGraphResponse",
-                               "Graph answered 200 with a body that is not a JSON object", 200, timing=timing) from None
+            return _answer_of(response, timing)
+        finally:
+            response.close()
 
     def get_job(self, service_principal_id: str, job_id: str, token: str) -> dict:
         """The synchronizationJob (status, schedule); raises GraphFailure like provision_on_demand."""
@@ -156,10 +240,8 @@ class GraphClient:
         try:
             response = self._http.request(method, path, params=params,
                                           headers={**(headers or {}), "Authorization": f"Bearer {token}"})
-        except httpx.TimeoutException:
-            raise GraphFailure.of("transient", "Timeout", "Graph did not answer in time") from None
-        except httpx.TransportError as exc:
-            raise GraphFailure.of("transient", "ConnectionError", f"{type(exc).__name__} talking to Graph") from None
+        except HTTPX_ERRORS as exc:
+            raise transport_failure(exc) from None
         if response.status_code not in ok:
             raise classify(response)
         return response

@@ -60,7 +60,7 @@ OUT_OF_SCOPE_DIAGNOSIS = ("The subject was skipped as not in scope: it is not as
                           "send it again (or set OUT_OF_SCOPE_RETRY_MINUTES).")
 NO_DETAILS_DIAGNOSIS = ("Graph accepted the call but answered without steps (its answer for a group): see the job's "
                         "provisioning logs for what changed.")
-UNREADABLE_DIAGNOSIS = "Graph's answer could not be read; rawKey/rawValue hold it as received."
+UNREADABLE_DIAGNOSIS = "Graph's answer could not be read; rawKey/rawValue (or rawBody) hold it as received."
 # 401 with code UnknownError and an empty message is what Graph answers when the identity holds
 # Application.ReadWrite.OwnedBy but does not own the enterprise app's service principal.
 UNKNOWN_401_DIAGNOSIS = ("Graph refused the identity (401 UnknownError): the identity lacks the role, or with "
@@ -231,7 +231,16 @@ def _error_code(details: dict[str, Any], status_info: dict[str, Any], steps: lis
     return _text(details.get("errorCode")) or _text(status_info.get("errorCode")) or _skip_reason(steps)
 
 
+def unreadable_body(answer: GraphKeyValue) -> Outcome:
+    """A 200 whose body was not the {key, value} pair of strings: Graph acted, what it said is kept."""
+    return Outcome(result=UNKNOWN_RESULT, verdict="unknown", reasonCode="UnreadableGraphAnswer",
+                   diagnosis=UNREADABLE_DIAGNOSIS, answerShape="unreadable", errorCode="UnreadableGraphAnswer",
+                   errorMessage=f"Graph answered 200 with {answer.problem}", rawBody=answer.body)
+
+
 def decode(answer: GraphKeyValue) -> Outcome:
+    if answer.problem is not None:
+        return unreadable_body(answer)
     read = read_answer(answer)
     key, value = read.key or {}, read.value
     details = key.get("details") if isinstance(key.get("details"), dict) else {}

@@ -63,6 +63,11 @@ def cloudevent_idempotency_key(event: CloudEventRef) -> str:
     return f"cloudevent-{digest}"
 
 
+def batch_idempotency_key(keys: list[str]) -> str:
+    """A batch's key: its events' keys in order, hashed (the same batch retried is the same key)."""
+    return "cloudevents-" + hashlib.sha256("\n".join(keys).encode("utf-8")).hexdigest()
+
+
 def media_type(headers: Mapping[str, str]) -> str:
     return _lowered(headers).get("content-type", "").split(";")[0].strip().lower()
 

@@ -179,9 +179,29 @@ def plan(event: GraphBodyEvent | CompactEvent, settings: Settings, index: int | 
     return accepted
 
 
+def calls_of(event: GraphBodyEvent | CompactEvent) -> int:
+    """How many Graph calls an event becomes (a group's members go five to a call), before any
+    rule is looked up: the bound is checked before the post costs anything."""
+    subjects = [event.as_subject()] if isinstance(event, CompactEvent) else [
+        s for p in event.parameters for s in p.subjects]
+    return sum(max(1, -(-len(s.links.members if s.links else []) // MAX_GROUP_MEMBERS_PER_CALL)) for s in subjects)
+
+
+def check_call_count(events: list[GraphBodyEvent | CompactEvent], settings: Settings) -> None:
+    # 100 parameters of 100 subjects fit in one body; each call takes a slot of the shared timeline
+    # (about 2 s at 5 calls per 10 s), so one post could otherwise fill hours for every caller.
+    total = sum(calls_of(e) for e in events)
+    if total > settings.max_calls_per_post:
+        raise RequestRejected(413, "TooManyCalls",
+                              f"this post would make {total} Graph calls; the limit is {settings.max_calls_per_post} "
+                              "per post (MAX_CALLS_PER_POST): split it into smaller posts",
+                              [{"calls": total, "limit": settings.max_calls_per_post}])
+
+
 def accept(text: str, settings: Settings, rules: RuleLookup | None = None,
            names: NameResolver | None = None) -> list[AcceptedRequest]:
     events = parse_body(text)
+    check_call_count(events, settings)
     bulk = len(events) > 1 or text.lstrip().startswith("[")
     return [plan(e, settings, i if bulk else None, rules=rules, names=names) for i, e in enumerate(events)]
 

@@ -187,11 +187,16 @@ def _error(description: str, headers: dict[str, Any] | None = None) -> dict[str,
 def _static_spec(signature_header: str, timestamp_header: str) -> dict[str, Any]:
     signature_params = [
         {"name": signature_header, "in": "header", "required": False,
-         "description": "Only when WEBHOOK_HMAC_SECRET is set: sha256=<hex HMAC-SHA256(secret, timestamp + '.' + body)>",
+         "description": "Only when WEBHOOK_HMAC_SECRET is set: sha256=<hex HMAC-SHA256(secret, timestamp LF METHOD "
+                        "LF path LF canonical query LF body)>, see docs/security.md",
          "schema": {"type": "string"}},
         {"name": timestamp_header, "in": "header", "required": False,
          "description": "Only when WEBHOOK_HMAC_SECRET is set: the signing time, whole epoch seconds",
          "schema": {"type": "string", "pattern": "^[0-9]{1,12}$"}},
+        {"name": "Idempotency-Key", "in": "header", "required": False,
+         "description": "Your key for this request (IETF httpapi draft): a retry with the same key and body gets "
+                        "the first 202 again (Idempotent-Replayed: true) and queues nothing",
+         "schema": {"type": "string", "minLength": 1, "maxLength": 257}},
     ]
     return {
         "openapi": "3.0.3",
@@ -213,20 +218,30 @@ def _static_spec(signature_header: str, timestamp_header: str) -> dict[str, Any]
                         "items": {"$ref": REF.format(model="CloudEvent")}}}}},
                 "responses": {
                     "202": {"description": "Accepted; results follow on the results queue",
+                            "headers": {"Idempotent-Replayed": {
+                                "description": "true when this is the remembered answer to an earlier request "
+                                               "with the same Idempotency-Key", "schema": {"type": "string"}}},
                             "content": {JSON: {"schema": {"$ref": REF.format(model="Accepted")}}}},
-                    "400": _error("Not JSON (InvalidJson) or not UTF-8 (InvalidEncoding)"),
-                    "401": _error("No valid function key, or a missing/invalid webhook signature "
-                                  "(SignatureMissing, SignatureInvalid, TimestampOutOfRange)"),
-                    "413": _error("Body over MAX_BODY_BYTES (PayloadTooLarge), over 1000 events (TooManyItems), or "
-                                  "more than 100 names to look up (TooManyLookups)"),
+                    "400": _error("Not JSON (InvalidJson), not UTF-8 (InvalidEncoding), or a malformed "
+                                  "Idempotency-Key (InvalidIdempotencyKey)"),
+                    "401": _error("No valid function key, or a missing/invalid/replayed webhook signature "
+                                  "(SignatureMissing, SignatureInvalid, SignatureVersionUnsupported, "
+                                  "SignatureReplayed, TimestampOutOfRange)"),
+                    "409": _error("A request with this Idempotency-Key is still being accepted "
+                                  "(IdempotencyKeyInProgress)", RETRY_AFTER),
+                    "413": _error("Body over MAX_BODY_BYTES (PayloadTooLarge), over 1000 events (TooManyItems), "
+                                  "over MAX_CALLS_PER_POST Graph calls (TooManyCalls), or more than 100 names to "
+                                  "look up (TooManyLookups)"),
                     "415": _error("Not JSON content (UnsupportedMediaType)"),
                     "422": _error("A field is wrong or missing (ValidationFailed, EmptyRequest, InvalidCloudEvent), "
                                   "a name matches no or several objects (NameNotFound, NameAmbiguous, "
-                                  "JobNotDetermined, NameLookupNotPermitted), or callbackUrl is refused "
-                                  "(CallbackUrlRefused)"),
+                                  "JobNotDetermined, NameLookupNotPermitted), callbackUrl is refused "
+                                  "(CallbackUrlRefused), or the Idempotency-Key was used with another body "
+                                  "(IdempotencyKeyReused)"),
                     "503": _error("The backlog would delay these calls more than MAX_EXPECTED_WAIT_HOURS "
-                                  "(BacklogTooLong), the status table cannot be reached (StatusStoreUnavailable), "
-                                  "or Graph cannot resolve a name just now (DirectoryUnavailable)", RETRY_AFTER),
+                                  "(BacklogTooLong), the status table or the key table cannot be reached "
+                                  "(StatusStoreUnavailable, KeyStoreUnavailable), or Graph cannot resolve a name "
+                                  "just now (DirectoryUnavailable)", RETRY_AFTER),
                 },
             }, "options": {
                 "operationId": "CloudEventsHandshake",

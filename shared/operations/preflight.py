@@ -20,8 +20,8 @@ from azure.storage.queue import QueueServiceClient
 
 from shared.errors import GraphFailure
 from shared.graph.client import REQUIRED_ROLES_HINT, GraphClient, job_path
-from shared.ratelimit.token_gate import pool_queue_name
 from shared.operations.readiness import PARKED_SUFFIX, unready_reply
+from shared.ratelimit.token_gate import pool_queue_name
 from shared.replies import HttpReply
 from shared.settings import Settings
 

@@ -33,10 +33,18 @@ from shared.deadletters import dead_letter_for
 from shared.errors import RequestRejected
 from shared.graph.retry_policy import backoff_seconds
 from shared.intake.signatures import sign
-from shared.models import CallbackMessage, CallbackPhase, CallbackState, ErrorInfo, ResultMessage, utcnow
-from shared.queues import MAX_MESSAGE_BYTES, create_table, table_service
+from shared.models import (
+    CallbackMessage,
+    CallbackPhase,
+    CallbackState,
+    ErrorInfo,
+    ResultMessage,
+    utcnow,
+)
+from shared.queues import MAX_MESSAGE_BYTES
 from shared.results.sinks import fit_for_queue
 from shared.settings import Settings
+from shared.tables import create_table, table_service
 
 log = logging.getLogger(__name__)
 

@@ -5,23 +5,25 @@ from typing import Protocol
 
 from shared.models import ResultMessage
 from shared.queues import MAX_MESSAGE_BYTES, Queues
+from shared.results.sizing import fit
 
 
 class ResultSink(Protocol):
     def emit(self, result: ResultMessage) -> None: ...
 
 
+# What identifies a result and what it says: never cut (each is bounded at intake or by the app).
+RESULT_KEEP = frozenset({
+    "schemaVersion", "resultId", "requestId", "correlationId", "servicePrincipalId", "jobId", "ruleId",
+    "subject", "callIndex", "callCount", "attempts", "receivedAt", "completedAt", "result", "errorCode",
+    "priority", "callsSaved", "servedBy", "truncated"})
+
+
 def fit_for_queue(result: ResultMessage, limit: int = MAX_MESSAGE_BYTES - 1024) -> str:
-    """The result as JSON within a queue message's 64 KiB. Step details (raw attribute dumps from
-    the source system) go first, then modified properties; `truncated` says that it happened."""
-    text = result.model_dump_json(exclude_none=True)
-    if len(text.encode()) <= limit:
-        return text
-    slimmer = result.model_copy(update={"truncated": True, "steps": [s.model_copy(update={"details": None}) for s in result.steps]})
-    text = slimmer.model_dump_json(exclude_none=True)
-    if len(text.encode()) <= limit:
-        return text
-    return slimmer.model_copy(update={"modifiedProperties": [], "rawValue": None}).model_dump_json(exclude_none=True)
+    """The result as JSON of at most `limit` UTF-8 bytes (a queue message, a table property):
+    the largest parts (step details, raw text, modified properties, long messages) are cut first;
+    `truncated` says that it happened and `truncatedFields` which fields."""
+    return fit(result, limit, keep=RESULT_KEEP, marker="truncatedFields", flag="truncated")[0]
 
 
 class QueueSink:

@@ -41,6 +41,7 @@ from shared.errors import StatusStoreUnavailable
 from shared.models import CallStatus, Follower, RequestStatus, ResultMessage, WorkItem
 from shared.results.sinks import fit_for_queue
 from shared.settings import Settings
+from shared.tables import table_service
 
 log = logging.getLogger(__name__)
 
@@ -107,8 +108,6 @@ class StatusStore:
 
     @classmethod
     def connect(cls, settings: Settings) -> "StatusStore":
-        from shared.queues import table_service
-
         # A follower may join a leader for as long as the leader may legitimately wait.
         return cls(table_service(settings).get_table_client(settings.status_table), settings.coalesce_requests,
                    settings.max_expected_wait_hours * 3600)

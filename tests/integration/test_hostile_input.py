@@ -23,10 +23,12 @@ from pydantic import BaseModel
 from shared import handlers
 from shared.errors import RequestRejected
 from shared.graph.client import provision_path
+from shared.intake.idempotency import AnswerBook
 from shared.intake.validation import accept
 from shared.models import CompactEvent, GraphBodyEvent, WorkItem
 from shared.queues import MAX_MESSAGE_BYTES
 from shared.settings import Settings
+from tests.memory_table import MemoryTable
 
 SP = "c8c95753-f628-48e1-9fab-76c2d4cf624c"
 USER = "9bb0f679-a883-4a6f-8260-35b491b8b8c8"
@@ -84,6 +86,7 @@ class FakeRuntime:
         self.queues = FakeQueues()
         self.graph = None
         self.status = NoStatus()
+        self.answers = AnswerBook(MemoryTable(), retention_seconds=3600)
 
 
 @contextmanager

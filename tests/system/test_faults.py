@@ -21,7 +21,6 @@ TRANSIENT = {
     "429 without Retry-After": {"status": 429, "body": ERROR},
     "slower than our timeout": {"status": 200, "delay": 4.0, "key": '{"result":"Success","details":{}}', "value": "{}"},
     "connection reset": {"reset": True},
-    "200 with a body that is not JSON": {"status": 200, "body": "<html>maintenance</html>"},
 }
 
 
@@ -47,15 +46,21 @@ def test_transient_graph_faults_are_retried_and_succeed(faulty):
 
 
 def test_answers_that_cannot_be_read_or_are_refused_end_with_a_reason(faulty):
-    unreadable, refused = user(400), user(401)
+    unreadable, refused, not_json = user(400), user(401), user(402)
     faulty.sims.graph.script(unreadable, {"status": 200, "key": "Microsoft.Identity.Health.Boom", "value": "not json"})
     faulty.sims.graph.script(refused, {"status": 400, "body": {"error": {"code": "RequestParameterInvalid",
                                                                          "message": "bad rule"}}})
+    # Issue 13 N4: a 200 means Graph acted; a body that is not the envelope is kept, never retried.
+    faulty.sims.graph.script(not_json, {"status": 200, "body": "<html>maintenance</html>"})
     ids = faulty.request_ids([{"objectId": unreadable, "objectTypeName": "User"},
-                              {"objectId": refused, "objectTypeName": "User"}])
+                              {"objectId": refused, "objectTypeName": "User"},
+                              {"objectId": not_json, "objectTypeName": "User"}])
     found = faulty.wait_all(ids, timeout=60)
-    [kept_raw], [error] = found[ids[0]], found[ids[1]]
+    [kept_raw], [error], [kept_body] = found[ids[0]], found[ids[1]], found[ids[2]]
     assert kept_raw["result"] == "Unknown" and kept_raw["rawValue"] == "not json"
+    assert (kept_body["result"], kept_body["attempts"], kept_body["errorCode"]) == ("Unknown", 1, "UnreadableGraphAnswer")
+    assert "maintenance" in kept_body["rawBody"]
+    assert len([c for c in faulty.sims.graph.calls() if c.get("objectId") == not_json]) == 1
     assert error["result"] == "Error" and error["errorCode"] == "RequestParameterInvalid"
     [letter] = faulty.deadletters.wait_for(lambda m: m.get("requestId") == ids[1])
     assert letter["reason"]["code"] == "RequestParameterInvalid"

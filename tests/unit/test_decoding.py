@@ -108,7 +108,10 @@ from shared.graph.decoding import (  # noqa: E402
     UNKNOWN_401_DIAGNOSIS,
     failure_outcome,
 )
-from shared.graph.out_of_scope import MAX_OUT_OF_SCOPE_RETRIES, decide_out_of_scope_retry  # noqa: E402
+from shared.graph.out_of_scope import (  # noqa: E402
+    MAX_OUT_OF_SCOPE_RETRIES,
+    decide_out_of_scope_retry,
+)
 from shared.models import Verdict, WorkItem  # noqa: E402
 from shared.settings import Settings  # noqa: E402
 

@@ -7,7 +7,14 @@ from datetime import datetime, timezone
 from types import SimpleNamespace
 
 from shared import worker
-from shared.models import CloudEventRef, Follower, Outcome, Subject, SubjectName, WorkItem
+from shared.models import (
+    CloudEventRef,
+    Follower,
+    Outcome,
+    Subject,
+    SubjectName,
+    WorkItem,
+)
 from shared.settings import Settings
 
 NOW = datetime(2026, 11, 30, tzinfo=timezone.utc)

@@ -2,6 +2,8 @@
 
 httpx's MockTransport stands in for the network here; the end-to-end tests use the Graph simulator.
 """
+import gzip
+import json
 import random
 from datetime import datetime, timedelta, timezone
 from email.utils import format_datetime
@@ -11,6 +13,7 @@ import pytest
 
 from shared.errors import GraphFailure
 from shared.graph.client import GraphClient, SendTiming, provision_path
+from shared.graph.decoding import UNKNOWN_RESULT, decode
 from shared.graph.retry_policy import backoff_seconds, parse_retry_after
 from shared.models import Subject, WorkItem, utcnow
 from shared.settings import Settings
@@ -64,8 +67,103 @@ def test_non_json_error_body_still_classified():
     assert (failure.kind, failure.code) == ("transient", "HTTP502")
 
 
-def test_200_with_a_body_that_is_not_an_object_is_transient():
-    assert failure_for(httpx.Response(200, text="[1,2]")).code == "InvalidGraphResponse"
+def answer_for(response: httpx.Response):
+    return client(lambda request: response).provision_on_demand(item(), "tkn", SendTiming())
+
+
+GOOD_KEY = '{"result":"Success","details":{}}'
+
+
+@pytest.mark.parametrize("body", [
+    b"Microsoft.Identity.Health.CPP.Common.DataContracts.SyncFabric.StatusInfo",  # not JSON
+    b"[1,2]", b"null", b'"a string"', b"{",
+    json.dumps({"key": {"result": "Success", "details": {}}, "value": "{}"}).encode(),  # key as an object
+    json.dumps({"key": GOOD_KEY, "value": {"action": "Create"}}).encode(),  # value as an object
+    json.dumps({"key": GOOD_KEY, "value": ["x"]}).encode(),
+])
+def test_a_200_graph_cannot_read_is_unknown_with_the_raw_text_never_a_failure(body):
+    outcome = decode(answer_for(httpx.Response(200, content=body)))
+    assert outcome.result == UNKNOWN_RESULT and outcome.errorCode == "UnreadableGraphAnswer"
+    assert outcome.rawBody == body.decode()
+
+
+def test_a_200_with_corrupt_content_encoding_is_unknown_with_the_raw_bytes():
+    corrupt = b"\x1f\x8b not really gzip"
+    outcome = decode(answer_for(httpx.Response(200, headers={"Content-Encoding": "gzip"}, stream=Streamed(corrupt))))
+    assert outcome.result == UNKNOWN_RESULT and "DecodingError" in outcome.errorMessage
+    assert outcome.rawBody == corrupt.decode("utf-8", "replace")
+
+
+def test_a_200_with_good_gzip_is_read():
+    body = gzip.compress(json.dumps({"key": GOOD_KEY, "value": "{}"}).encode())
+    assert decode(answer_for(httpx.Response(200, headers={"Content-Encoding": "gzip"}, stream=Streamed(body)))).result == "Success"
+
+
+def test_an_error_status_with_corrupt_content_encoding_is_still_classified_by_status():
+    failure = failure_for(httpx.Response(503, headers={"Content-Encoding": "gzip", "Retry-After": "4"}, stream=Streamed(b"junk")))
+    assert (failure.kind, failure.status, failure.retry_after) == ("transient", 503, 4.0)
+
+
+class Streamed(httpx.SyncByteStream):
+    """A body the client reads off the wire (MockTransport hands over bytes it was given as read)."""
+
+    def __init__(self, body: bytes):
+        self.body = body
+
+    def __iter__(self):
+        yield self.body
+
+
+class BreaksMidBody(httpx.SyncByteStream):
+    def __iter__(self):
+        yield b'{"key": "'
+        raise httpx.ReadError("connection reset")
+
+
+def test_a_200_cut_off_mid_body_is_unknown_because_graph_already_acted():
+    outcome = decode(answer_for(httpx.Response(200, stream=BreaksMidBody())))
+    assert outcome.result == UNKNOWN_RESULT and "ReadError" in outcome.errorMessage
+
+
+def test_a_500_cut_off_mid_body_is_transient():
+    assert failure_for(httpx.Response(500, stream=BreaksMidBody())).kind == "transient"
+
+
+def every_httpx_exception() -> list[type[Exception]]:
+    return sorted((c for c in vars(httpx).values() if isinstance(c, type) and issubclass(c, Exception)
+                   and c.__module__.startswith("httpx")), key=lambda c: c.__name__)
+
+
+def raising(cls: type[Exception]):
+    def handler(request):
+        if issubclass(cls, httpx.HTTPStatusError):
+            raise cls("x", request=request, response=httpx.Response(500))
+        if issubclass(cls, httpx.RequestError):
+            raise cls("x", request=request)
+        raise cls() if issubclass(cls, httpx.StreamError) and cls is not httpx.StreamError else cls("x")
+    return handler
+
+
+@pytest.mark.parametrize("cls", every_httpx_exception(), ids=lambda c: c.__name__)
+def test_every_httpx_exception_becomes_a_classified_graph_failure(cls):
+    with pytest.raises(GraphFailure) as info:
+        client(raising(cls)).provision_on_demand(item(), "tkn", SendTiming())
+    assert info.value.kind in ("transient", "permanent") and cls.__name__ in info.value.message
+    with pytest.raises(GraphFailure):
+        client(raising(cls)).get_job("sp", "job", "tkn")
+
+
+@pytest.mark.parametrize("cls,kind,acted", [
+    (httpx.ConnectError, "transient", False), (httpx.ConnectTimeout, "transient", False),
+    (httpx.PoolTimeout, "transient", False), (httpx.ReadTimeout, "transient", True),
+    (httpx.ReadError, "transient", True), (httpx.RemoteProtocolError, "transient", True),
+    (httpx.LocalProtocolError, "permanent", False), (httpx.UnsupportedProtocol, "permanent", False),
+    (httpx.InvalidURL, "permanent", False), (httpx.TooManyRedirects, "permanent", False),
+])
+def test_transport_failures_say_whether_to_retry_and_whether_graph_may_have_acted(cls, kind, acted):
+    with pytest.raises(GraphFailure) as info:
+        client(raising(cls)).provision_on_demand(item(), "tkn", SendTiming())
+    assert info.value.kind == kind and ("may have acted" in info.value.message) == acted
 
 
 @pytest.mark.parametrize("header,expected", [("7", 7.0), ("0", 0.0), ("2.5", 2.5), (None, None), ("soon", None)])

@@ -8,7 +8,13 @@ from typing import Any
 import pytest
 
 from shared.errors import GraphFailure, RequestRejected
-from shared.intake.names import NameResolver, filter_request, odata_string, USERS, GROUPS
+from shared.intake.names import (
+    GROUPS,
+    USERS,
+    NameResolver,
+    filter_request,
+    odata_string,
+)
 from shared.intake.rule_discovery import RuleCache
 from shared.intake.validation import accept
 from shared.models import SubjectName
