@@ -38,6 +38,20 @@ PATTERNS = {
 MEMBER_PATTERN = GUID_RE.pattern
 
 
+def _nullable_options(node: dict[str, Any], options: str) -> None:
+    """anyOf/oneOf with {"type": "null"} -> the other options with nullable: true (3.0 has no null type)."""
+    kept = [o for o in node[options] if o != {"type": "null"}]
+    if len(kept) == len(node[options]):
+        return
+    node.pop(options)
+    if len(kept) == 1:
+        # 3.0 ignores siblings of $ref: wrap it so nullable applies.
+        node.update({"allOf": [kept[0]]} if "$ref" in kept[0] else kept[0])
+    else:
+        node[options] = kept
+    node["nullable"] = True
+
+
 def _to_openapi30(node: Any) -> Any:
     """JSON Schema 2020-12 (pydantic) -> the OpenAPI 3.0 schema dialect."""
     if isinstance(node, list):
@@ -47,16 +61,7 @@ def _to_openapi30(node: Any) -> Any:
     node = {k: _to_openapi30(v) for k, v in node.items()}
     for options in ("anyOf", "oneOf"):
         if options in node:
-            kept = [o for o in node[options] if o != {"type": "null"}]
-            if len(kept) < len(node[options]):
-                node.pop(options)
-                if len(kept) == 1:
-                    only = kept[0]
-                    # 3.0 ignores siblings of $ref: wrap it so nullable applies.
-                    node.update({"allOf": [only]} if "$ref" in only else only)
-                else:
-                    node[options] = kept
-                node["nullable"] = True
+            _nullable_options(node, options)
     if "const" in node:
         node["enum"] = [node.pop("const")]
     node.pop("examples", None)
