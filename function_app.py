@@ -40,7 +40,7 @@ def provision_status(req: func.HttpRequest) -> func.HttpResponse:
 @app.queue_trigger(arg_name="msg", queue_name="%INTAKE_QUEUE%", connection="AzureWebJobsStorage")
 @app.queue_output(arg_name="work", queue_name="%WORK_QUEUE%", connection="AzureWebJobsStorage")
 def intake_queue(msg: func.QueueMessage, work: func.Out[List[str]]) -> None:
-    due = handlers.intake_message(msg.get_body(), runtime(), delivery=msg.dequeue_count or 1)
+    due = handlers.intake_message(msg.get_body(), runtime(), delivery=msg.dequeue_count or 1, message_id=msg.id)
     if due:
         work.set(due)
 

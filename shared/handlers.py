@@ -22,9 +22,10 @@ from shared.intake.validation import (
 )
 from shared.models import GUID_RE, WorkItem
 from shared.operations import poison_sweep as poison
-from shared.ratelimit.placement import place, place_now
+from shared.ratelimit.placement import place
 from shared.replies import HttpReply
 from shared.runtime import Runtime
+from shared.status.admission import LEAD
 from shared.worker import handle_work_message
 
 log = logging.getLogger(__name__)
@@ -35,34 +36,41 @@ def _error_reply(rejected: RequestRejected) -> HttpReply:
 
 
 def _enqueue(accepted: list[AcceptedRequest], rt: Runtime) -> list[str]:
-    """Record every call's status, let equal waiting calls join, and book slots for the rest; refuse
+    """Record every call's status, let equal queued calls be joined, and book slots for the rest; refuse
     the lot when the wait would exceed MAX_EXPECTED_WAIT_HOURS. Raises StatusStoreUnavailable when the
-    status table cannot be written: the queue door retries, the HTTP door answers 503."""
-    items = [item for request in accepted for item in request.items]
-    limit = rt.settings.max_expected_wait_hours * 3600
+    status table cannot be written: the queue door retries, the HTTP door answers 503. What a failed
+    admit() left behind strands nobody (shared/status/admission.py): it is not withdrawn."""
+    admitted = rt.status.admit([item for request in accepted for item in request.items])
+    leaders = [a.item for a in admitted if a.role == LEAD]
     try:
-        leaders = rt.status.admit(items)
-        work = place(leaders, rt, max_wait=limit)
+        work = place(leaders, rt, max_wait=rt.settings.max_expected_wait_hours * 3600)
     except Exception as exc:
-        _withdraw(items, rt)
+        rt.status.forget(admitted)
         if not isinstance(exc, BacklogTooLong):
             raise
-        raise RequestRejected(
-            503, "BacklogTooLong",
-            f"the backlog would delay these calls by about {exc.wait / 3600:.1f} h, more than "
-            f"MAX_EXPECTED_WAIT_HOURS ({rt.settings.max_expected_wait_hours:g} h); send them later",
-            [{"expectedWaitSeconds": round(exc.wait)}],
-            headers={"Retry-After": str(max(1, round(exc.wait - limit)))}) from None
-    rt.status.record_requests((a.requestId, a.correlationId, a.priority, a.items) for a in accepted)
+        raise _backlog_too_long(exc, rt) from None
+    # Only work sent by the SDK is known to be on the queue; the output binding writes after we return.
+    due = {WorkItem.model_validate_json(text).call_id for text in work}
+    rt.status.mark_queued([item for item in leaders if item.call_id not in due])
+    _record_requests(accepted, [a.item for a in admitted], rt)
     return work
 
 
-def _withdraw(items: list[WorkItem], rt: Runtime) -> None:
-    # Requests accepted earlier may have joined these calls meanwhile: their calls are still made.
-    heirs = rt.status.forget(items)
-    if heirs:
-        place_now(heirs, rt)
-        rt.status.booked(heirs)
+def _backlog_too_long(exc: BacklogTooLong, rt: Runtime) -> RequestRejected:
+    limit = rt.settings.max_expected_wait_hours * 3600
+    return RequestRejected(
+        503, "BacklogTooLong",
+        f"the backlog would delay these calls by about {exc.wait / 3600:.1f} h, more than "
+        f"MAX_EXPECTED_WAIT_HOURS ({rt.settings.max_expected_wait_hours:g} h); send them later",
+        [{"expectedWaitSeconds": round(exc.wait)}],
+        headers={"Retry-After": str(max(1, round(exc.wait - limit)))})
+
+
+def _record_requests(accepted: list[AcceptedRequest], admitted: list[WorkItem], rt: Runtime) -> None:
+    # The admitted calls carry their group keys and booked slots.
+    by_call = {item.call_id: item for item in admitted}
+    rt.status.record_requests((a.requestId, a.correlationId, a.priority, [by_call[i.call_id] for i in a.items])
+                              for a in accepted)
 
 
 def _status_unavailable() -> RequestRejected:
@@ -98,13 +106,14 @@ INTAKE_DELIVERIES = 5
 TRANSIENT_INTAKE_CODES = {"SchemaUnavailable"}
 
 
-def intake_message(raw: bytes | str, rt: Runtime, delivery: int = 1) -> list[str]:
+def intake_message(raw: bytes | str, rt: Runtime, delivery: int = 1, message_id: str | None = None) -> list[str]:
     """A message on the intake queue; returns the work due now for the output binding. Bad input
     is dead-lettered at once: retrying cannot fix it. A job schema Graph could not serve just now
-    is retried through the queue, and dead-lettered (replayable) on the last delivery."""
+    is retried through the queue, and dead-lettered (replayable) on the last delivery. Request ids
+    come from `message_id`: every delivery of the message names the same requests."""
     original = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
     try:
-        accepted = accept(decode_queue_text(raw), rt.settings, rules=_rule_lookup(rt))
+        accepted = accept(decode_queue_text(raw), rt.settings, rules=_rule_lookup(rt), message_id=message_id)
         work = _enqueue(accepted, rt)
     except RequestRejected as rejected:
         if rejected.info.code in TRANSIENT_INTAKE_CODES and delivery < INTAKE_DELIVERIES:
