@@ -35,11 +35,13 @@ def _error_reply(rejected: RequestRejected) -> HttpReply:
     return HttpReply(rejected.status, {"error": rejected.info.model_dump(exclude_none=True)}, rejected.headers)
 
 
-def _enqueue(accepted: list[AcceptedRequest], rt: Runtime) -> list[str]:
+def _enqueue(accepted: list[AcceptedRequest], rt: Runtime, redelivered_on_failure: bool = False) -> list[str]:
     """Record every call's status, let equal queued calls be joined, and book slots for the rest; refuse
     the lot when the wait would exceed MAX_EXPECTED_WAIT_HOURS. Raises StatusStoreUnavailable when the
     status table cannot be written: the queue door retries, the HTTP door answers 503. What a failed
-    admit() left behind strands nobody (shared/status/admission.py): it is not withdrawn."""
+    admit() left behind strands nobody (shared/status/admission.py): it is not withdrawn. Once the
+    calls are queued, a request row that cannot be written fails the run only where a redelivery
+    (`redelivered_on_failure`, the queue door) recognises the same requests and writes it again."""
     admitted = rt.status.admit([item for request in accepted for item in request.items])
     leaders = [a.item for a in admitted if a.role == LEAD]
     try:
@@ -52,7 +54,12 @@ def _enqueue(accepted: list[AcceptedRequest], rt: Runtime) -> list[str]:
     # Only work sent by the SDK is known to be on the queue; the output binding writes after we return.
     due = {WorkItem.model_validate_json(text).call_id for text in work}
     rt.status.mark_queued([item for item in leaders if item.call_id not in due])
-    _record_requests(accepted, [a.item for a in admitted], rt)
+    try:
+        _record_requests(accepted, [a.item for a in admitted], rt)
+    except StatusStoreUnavailable:
+        if redelivered_on_failure:
+            raise
+        log.warning("request status not recorded; the calls are queued and report their results")
     return work
 
 
@@ -114,7 +121,7 @@ def intake_message(raw: bytes | str, rt: Runtime, delivery: int = 1, message_id:
     original = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
     try:
         accepted = accept(decode_queue_text(raw), rt.settings, rules=_rule_lookup(rt), message_id=message_id)
-        work = _enqueue(accepted, rt)
+        work = _enqueue(accepted, rt, redelivered_on_failure=True)
     except RequestRejected as rejected:
         if rejected.info.code in TRANSIENT_INTAKE_CODES and delivery < INTAKE_DELIVERIES:
             log.warning("intake message deferred (%s), delivery %d of %d", rejected.info.code, delivery,

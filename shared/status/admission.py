@@ -144,15 +144,16 @@ class Admitter:
             return None
 
     def mark_queued(self, items: list[WorkItem]) -> None:
-        """The work messages of these leaders are on the queue: equal calls may join them from now on.
-        Best effort: a group left pending only means later equal calls make calls of their own."""
+        """The work messages of these leaders are on the queue: their rows get the slot (the status
+        then knows they will run) and their groups become joinable. Best effort: a group left pending
+        only means later equal calls make calls of their own."""
         for item in items:
-            if not item.openEtag:
-                continue
+            operations = [merge({"PartitionKey": item.coalesceKey, "RowKey": item.call_id, "eta": item.notBefore})]
+            if item.openEtag:
+                operations.append(merge({"PartitionKey": item.coalesceKey, "RowKey": OPEN, "queued": True},
+                                        etag=item.openEtag))
             try:
-                self.table.submit_transaction([
-                    merge({"PartitionKey": item.coalesceKey, "RowKey": OPEN, "queued": True}, etag=item.openEtag),
-                    merge({"PartitionKey": item.coalesceKey, "RowKey": item.call_id, "eta": item.notBefore})])
+                self.table.submit_transaction(operations)
             except TableTransactionError as exc:
                 if exc.status_code not in CONFLICTS:  # taken over, or already closed by its worker
                     log.warning("group of %s not opened to joins: %s", item.call_id, type(exc).__name__)

@@ -29,6 +29,9 @@ log = logging.getLogger(__name__)
 
 STALLED_QUEUED = ("due since its slot but not yet taken by a worker: it runs when the function app's hosts are "
                   "running again")
+STALLED_UNCONFIRMED = ("due since its slot but not taken by a worker, and its intake did not record it as queued: it "
+                       "may never run. A queue message is delivered again and then dead-lettered with the reason; "
+                       "a POST that was not answered 202 must be sent again")
 STALLED_CALLING = ("no answer recorded: the worker stopped during the call; the call is retried when its work "
                    "message returns to the queue")
 
@@ -40,7 +43,8 @@ class StatusReader:
 
     def record_requests(self, requests: Iterable[tuple[str, str | None, str, list[WorkItem]]]) -> None:
         """One row per request (requestId, correlationId, priority, calls), once slots are booked.
-        Best effort: the calls are queued by now, and a missing row only makes the status API answer 404."""
+        Raises StatusStoreUnavailable: the calls are queued by now, so only the caller knows whether
+        to try again (the queue door redelivers) or to answer without (the HTTP door)."""
         rows = []
         for request_id, correlation_id, priority, items in requests:
             calls = [[item.callIndex, item.coalesceKey, item.notBefore] for item in items]
@@ -53,7 +57,7 @@ class StatusReader:
             with ThreadPoolExecutor(max_workers=min(PARALLEL, len(rows)) or 1) as pool:
                 list(pool.map(self.table.upsert_entity, rows))
         except AzureError as exc:
-            log.warning("request status not recorded: %s", type(exc).__name__)
+            raise StatusStoreUnavailable(f"request status not recorded: {type(exc).__name__}") from None
 
     def read(self, request_id: str, spacing: float, call_timeout: float) -> RequestStatus | None:
         try:
@@ -83,7 +87,7 @@ class StatusReader:
                             since=moment(since), reason=row.get("reason") or None, servedBy=served_by,
                             callsSaved=(result or {}).get("callsSaved") or 0, result=result)
         if state in (QUEUED, WAITING) and eta:
-            return status.model_copy(update=_eta_fields(eta, now, spacing))
+            return status.model_copy(update=_eta_fields(eta, now, spacing, _known_queued(row, state, served_by)))
         if state == CALLING and _overdue(since, now, call_timeout):
             return status.model_copy(update={"stalled": True, "note": STALLED_CALLING})
         return status
@@ -107,13 +111,19 @@ class StatusReader:
         return None
 
 
+def _known_queued(row: dict[str, Any], state: str, served_by: str | None) -> bool:
+    # Intake writes the slot on the call's row once its work is on the queue, and a worker when it
+    # puts the call back; followers only join calls that are queued.
+    return state == WAITING or bool(served_by) or bool(row.get("eta"))
+
+
 def _overdue(since: Any, now: float, call_timeout: float) -> bool:
     return bool(since) and now - float(since) > call_timeout + DUE_GRACE_SECONDS
 
 
-def _eta_fields(eta: float, now: float, spacing: float) -> dict[str, Any]:
+def _eta_fields(eta: float, now: float, spacing: float, confirmed: bool) -> dict[str, Any]:
     fields: dict[str, Any] = {"eta": moment(eta), "etaSeconds": round(max(0.0, eta - now), 1),
                               "callsAhead": max(0, math.floor((eta - now) / spacing))}
     if now - eta > DUE_GRACE_SECONDS:
-        fields.update(stalled=True, note=STALLED_QUEUED)
+        fields.update(stalled=True, note=STALLED_QUEUED if confirmed else STALLED_UNCONFIRMED)
     return fields
