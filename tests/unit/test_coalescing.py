@@ -293,3 +293,13 @@ def test_properties_and_entities_over_their_limits_are_refused_like_the_service(
         table.submit_transaction([("upsert", {"PartitionKey": "p", "RowKey": "r",
                                               **{f"s{i}": "x" * 30_000 for i in range(20)}})])
     assert (too_big.value.status_code, too_big.value.error_code) == (400, "EntityTooLarge")
+
+
+def test_a_refused_redelivery_keeps_the_followers_of_a_call_already_going_out(store):
+    leader = lead_and_queue(store, call("u1"))
+    follower = call("u1")
+    store.admit([follower])
+    store.start_call(leader)                                   # its followers are on its row now
+    store.forget(store.admit([leader.model_copy(), follower.model_copy()]))   # a redelivery, refused
+    again = store.start_call(leader)                           # its work message ran again
+    assert [f.call_id for f in again.followers] == [follower.call_id]
