@@ -307,7 +307,9 @@ def test_a_refused_call_reads_as_dead_lettered_and_a_group_request_sums_up_its_c
 
 
 def test_equal_waiting_requests_share_one_graph_call_and_each_gets_the_result(st):
-    st.post([{"objectId": user(), "objectTypeName": "User"} for _ in range(10)])   # a backlog to wait behind
+    # A backlog to wait behind: only a call sent delayed is known to be queued, and so joinable
+    # (a call due now goes out through the output binding; shared/status/admission.py).
+    st.post([{"objectId": user(), "objectTypeName": "User"} for _ in range(20)])
     subject = user()
     ids = [st.post({"objectId": subject, "objectTypeName": "User", "correlationId": f"dup-{n}"})[0]
            for n in range(3)]
@@ -343,8 +345,8 @@ def test_high_priority_requests_overtake_the_backlog_without_starving_it(st):
 def test_poisoned_work_is_dead_lettered_with_a_result_and_a_final_status(st):
     settings = Settings(**st.env)
     rt = build_runtime(settings)
-    poisoned = item(user())
-    rt.status.admit([poisoned])
+    [admitted] = rt.status.admit([item(user())])
+    poisoned = admitted.item
     rt.status.record_requests([(poisoned.requestId, None, "normal", [poisoned])])
     QueueClient.from_connection_string(st.connection, f"{st.queues['WORK_QUEUE']}-poison").send_message(
         poisoned.model_dump_json())
