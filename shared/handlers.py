@@ -54,12 +54,7 @@ def _enqueue(accepted: list[AcceptedRequest], rt: Runtime, redelivered_on_failur
     # Only work sent by the SDK is known to be on the queue; the output binding writes after we return.
     due = {WorkItem.model_validate_json(text).call_id for text in work}
     rt.status.mark_queued([item for item in leaders if item.call_id not in due])
-    try:
-        _record_requests(accepted, [a.item for a in admitted], rt)
-    except StatusStoreUnavailable:
-        if redelivered_on_failure:
-            raise
-        log.warning("request status not recorded; the calls are queued and report their results")
+    _record_requests(accepted, [a.item for a in admitted], rt, redelivered_on_failure)
     return work
 
 
@@ -73,11 +68,17 @@ def _backlog_too_long(exc: BacklogTooLong, rt: Runtime) -> RequestRejected:
         headers={"Retry-After": str(max(1, round(exc.wait - limit)))})
 
 
-def _record_requests(accepted: list[AcceptedRequest], admitted: list[WorkItem], rt: Runtime) -> None:
+def _record_requests(accepted: list[AcceptedRequest], admitted: list[WorkItem], rt: Runtime,
+                     redelivered_on_failure: bool) -> None:
     # The admitted calls carry their group keys and booked slots.
     by_call = {item.call_id: item for item in admitted}
-    rt.status.record_requests((a.requestId, a.correlationId, a.priority, [by_call[i.call_id] for i in a.items])
-                              for a in accepted)
+    try:
+        rt.status.record_requests((a.requestId, a.correlationId, a.priority, [by_call[i.call_id] for i in a.items])
+                                  for a in accepted)
+    except StatusStoreUnavailable:
+        if redelivered_on_failure:
+            raise
+        log.warning("request status not recorded; the calls are queued and report their results")
 
 
 def _status_unavailable() -> RequestRejected:

@@ -181,18 +181,23 @@ def test_the_memory_table_answers_like_azurite(azurite):
         except ValueError:
             return "ValueError", None
 
-    def stale(table):
-        return table.get_entity("p", "a").metadata["etag"]
+    def stale_update(t):
+        etag = t.get_entity("p", "a").metadata["etag"]
+        t.upsert_entity({"PartitionKey": "p", "RowKey": "a", "n": 2})
+        return t.submit_transaction([merge({"PartitionKey": "p", "RowKey": "a"}, etag=etag)])
+
+    def stale_delete(t):
+        etag = t.get_entity("p", "a").metadata["etag"]
+        t.upsert_entity({"PartitionKey": "p", "RowKey": "a", "n": 3})
+        return t.submit_transaction([delete_if_unchanged("p", "a", etag)])
 
     steps = [
         lambda t: t.submit_transaction([("create", {"PartitionKey": "p", "RowKey": "a", "n": 1})]),
         lambda t: t.submit_transaction([("create", {"PartitionKey": "p", "RowKey": "b"}),
                                         ("create", {"PartitionKey": "p", "RowKey": "a"})]),
         lambda t: t.get_entity("p", "b"),
-        lambda t: (lambda etag: (t.upsert_entity({"PartitionKey": "p", "RowKey": "a", "n": 2}),
-                                 t.submit_transaction([merge({"PartitionKey": "p", "RowKey": "a"}, etag=etag)])))(stale(t)),
-        lambda t: (lambda etag: (t.upsert_entity({"PartitionKey": "p", "RowKey": "a", "n": 3}),
-                                 t.submit_transaction([delete_if_unchanged("p", "a", etag)])))(stale(t)),
+        stale_update,
+        stale_delete,
         lambda t: t.submit_transaction([merge({"PartitionKey": "p", "RowKey": "zz"}, etag="*")]),
         lambda t: t.submit_transaction([("delete", {"PartitionKey": "p", "RowKey": "zz"})]),
         lambda t: t.submit_transaction([("upsert", {"PartitionKey": "p", "RowKey": "x"}),

@@ -11,7 +11,7 @@ from azure.data.tables import TableTransactionError
 from shared.errors import StatusStoreUnavailable
 from shared.models import Subject, WorkItem, utcnow
 from shared.status.admission import ALREADY_QUEUED, JOINED, LEAD
-from shared.status.rows import CALLING, MAX_FOLLOWERS, OPEN, QUEUED, group_key
+from shared.status.rows import CALLING, MAX_FOLLOWERS, OPEN, group_key
 from shared.status.store import StatusStore
 from shared.status.table import delete_if_unchanged, merge
 from tests.fakes import Clock, MemoryTable
@@ -236,8 +236,8 @@ def test_waiting_and_finish_record_the_call_and_everyone_it_served(store):
     store.waiting(leader.model_copy(update={"notBefore": 77.0}), "TooManyRequests")
     assert rows(store, leader)[leader.call_id]["eta"] == 77.0
     going = store.start_call(leader)
-    base = dict(servicePrincipalId=SP, jobId=JOB, ruleId=RULE, subject=going.subject, callIndex=0, callCount=1,
-                attempts=1, receivedAt=utcnow(), completedAt=utcnow(), result="Success")
+    base = {"servicePrincipalId": SP, "jobId": JOB, "ruleId": RULE, "subject": going.subject, "callIndex": 0,
+            "callCount": 1, "attempts": 1, "receivedAt": utcnow(), "completedAt": utcnow(), "result": "Success"}
     store.finish(going, [ResultMessage(resultId=c.call_id, requestId=c.requestId, **base) for c in (going, follower)])
     assert {rows(store, leader)[c.call_id]["state"] for c in (going, follower)} == {"succeeded"}
 
