@@ -76,7 +76,7 @@ class Settings(BaseSettings):
     results_queue: str = Field("provision-results", alias="RESULTS_QUEUE")
     deadletter_queue: str = Field("provision-deadletter", alias="DEADLETTER_QUEUE")
     lease_queue: str = Field("provision-leases", alias="LEASE_QUEUE")
-    # Request status and coalescing (shared/status/store.py): one table, letters and digits only.
+    # Request status and coalescing (shared/status/): one table, letters and digits only.
     status_table: str = Field("provisionstatus", alias="STATUS_TABLE", pattern=r"^[A-Za-z][A-Za-z0-9]{2,62}$")
     coalesce_requests: bool = Field(True, alias="COALESCE_REQUESTS")
     # The most of the rate high-priority calls may take while normal calls wait (shared/ratelimit/slot_timeline.py).
