@@ -1,16 +1,18 @@
 """Intake's side of coalescing: admit calls, say when their work is durably queued, withdraw them.
 
-A group's open row is created "pending" with its leader's call: nobody may join a call whose work
-message may not exist. Intake marks it queued once the leader's work message is on the queue (sent
-by the SDK, delayed to its slot); a call due now goes out through the host's output binding, which
-intake cannot observe, so its group never becomes joinable (its worker closes it within seconds).
-Hence a follower only ever waits on a call that is durably queued, and a leader withdrawn before
-that has nobody waiting on it.
+A group's open row is created with its leader's call, and nobody may join a call whose work message
+may not exist: only once intake has sent the leader's work message (delayed to its slot, by the SDK)
+does it write the slot on the leader's call row (`eta`), and only a group whose leader's row has
+one is joined. A call due now goes out through the host's output binding, which intake cannot
+observe, so its group is never joined (its worker closes it within seconds). Hence a follower only
+ever waits on a call that is durably queued, and a leader withdrawn before that has nobody waiting
+on it. The marker is on the call row, not the open row, so the open row's etag as created still
+closes the group in one transaction when nobody joined.
 
 Request ids derived from the queue message (shared/intake/validation.py) make a redelivered message
 admit the same calls: each finds its own row and is recognised (`_again`) instead of joining its
-first attempt as a follower. A pending group whose intake died is taken over by the next equal call
-once it is DUE_GRACE_SECONDS old.
+first attempt as a follower. A group whose leader was never queued is taken over by the next equal
+call once it is DUE_GRACE_SECONDS old (its intake died).
 """
 from __future__ import annotations
 
@@ -76,7 +78,7 @@ class Admitter:
             return Admission(item, LEAD)
         for _ in range(ATTEMPTS):
             opened = {"PartitionKey": key, "RowKey": OPEN, "leader": item.call_id, "openedAt": self.clock(),
-                      "followers": "[]", "queued": False}
+                      "followers": "[]"}
             try:
                 answers = self.table.submit_transaction([("create", opened), ("create", row)])
                 return Admission(item.model_copy(update={"openEtag": answers[0]["etag"]}), LEAD)
@@ -88,9 +90,10 @@ class Admitter:
                 return self._again(item, group, mine)
             if group is None:
                 continue  # its call went out meanwhile: lead a new group
-            if not self._may_join(group) and not self._abandoned(group):
+            queued = "eta" in (read_row(self.table, key, group["leader"]) or {})
+            if not self._may_join(group, queued) and not self._abandoned(group, queued):
                 break
-            admitted = self._join(item, group, row) if self._may_join(group) else self._take_over(item, group, row)
+            admitted = self._join(item, group, row) if queued else self._take_over(item, group, row)
             if admitted is not None:
                 return admitted
         self.table.upsert_entity(row)  # a call of its own, outside any group
@@ -100,21 +103,21 @@ class Admitter:
         """The same call admitted before: a redelivered intake message."""
         if mine.get("servedBy"):
             return Admission(item, ALREADY_QUEUED)  # it joined a queued call, which serves it
-        leading = group is not None and group.get("leader") == item.call_id
-        if mine.get("state", QUEUED) != QUEUED or (leading and group.get("queued")):
+        if mine.get("state", QUEUED) != QUEUED or "eta" in mine:
             return Admission(item.model_copy(update={"notBefore": mine.get("eta")}), ALREADY_QUEUED)
+        leading = group is not None and group.get("leader") == item.call_id
         # Its work may or may not have been sent: queue it (again). A second copy costs at most a
         # second Graph call under the same resultId (at-least-once), never a lost request.
         return Admission(item.model_copy(update={"openEtag": group.metadata["etag"] if leading else None}), LEAD)
 
-    def _may_join(self, group: TableEntity) -> bool:
-        # Rows written before the "queued" marker existed were joinable as soon as they were open.
-        return (bool(group.get("queued", True)) and self.clock() - float(group.get("openedAt") or 0) <= self.max_join_age
+    def _may_join(self, group: TableEntity, queued: bool) -> bool:
+        return (queued and self.clock() - float(group.get("openedAt") or 0) <= self.max_join_age
                 and len(followers_of(group)) < MAX_FOLLOWERS)
 
-    def _abandoned(self, group: TableEntity) -> bool:
-        """A pending group this old lost its intake (a host died, a client gave up): nobody waits on it."""
-        return not group.get("queued", True) and self.clock() - float(group.get("openedAt") or 0) > DUE_GRACE_SECONDS
+    def _abandoned(self, group: TableEntity, queued: bool) -> bool:
+        """A group whose leader was never queued, this old, lost its intake (a host died, a client
+        gave up): nobody waits on it."""
+        return not queued and self.clock() - float(group.get("openedAt") or 0) > DUE_GRACE_SECONDS
 
     def _join(self, item: WorkItem, group: TableEntity, row: dict[str, Any]) -> Admission | None:
         joined = [*followers_of(group), Follower(**item.model_dump(include=set(Follower.model_fields)))]
@@ -127,7 +130,7 @@ class Admitter:
     def _take_over(self, item: WorkItem, group: TableEntity, row: dict[str, Any]) -> Admission | None:
         answers = self._submit([
             merge({"PartitionKey": item.coalesceKey, "RowKey": OPEN, "leader": item.call_id,
-                   "openedAt": self.clock(), "queued": False}, etag=group.metadata["etag"]),
+                   "openedAt": self.clock()}, etag=group.metadata["etag"]),
             ("create", row)])
         if answers is None:
             return None
@@ -144,21 +147,15 @@ class Admitter:
             return None
 
     def mark_queued(self, items: list[WorkItem]) -> None:
-        """The work messages of these leaders are on the queue: their rows get the slot (the status
-        then knows they will run) and their groups become joinable. Best effort: a group left pending
-        only means later equal calls make calls of their own."""
+        """The work messages of these leaders are on the queue: their rows get their slots, which
+        makes their groups joinable and tells the status that they will run. Best effort: a call
+        left unmarked only means later equal calls make calls of their own."""
         for item in items:
-            operations = [merge({"PartitionKey": item.coalesceKey, "RowKey": item.call_id, "eta": item.notBefore})]
-            if item.openEtag:
-                operations.append(merge({"PartitionKey": item.coalesceKey, "RowKey": OPEN, "queued": True},
-                                        etag=item.openEtag))
             try:
-                self.table.submit_transaction(operations)
-            except TableTransactionError as exc:
-                if exc.status_code not in CONFLICTS:  # taken over, or already closed by its worker
-                    log.warning("group of %s not opened to joins: %s", item.call_id, type(exc).__name__)
+                self.table.upsert_entity({"PartitionKey": item.coalesceKey, "RowKey": item.call_id,
+                                          "eta": item.notBefore})
             except AzureError as exc:
-                log.warning("group of %s not opened to joins: %s", item.call_id, type(exc).__name__)
+                log.warning("call %s not recorded as queued: %s", item.call_id, type(exc).__name__)
 
     def forget(self, admissions: list[Admission]) -> None:
         """Undo admit() for calls that will not be queued after all (their post was refused or
@@ -173,9 +170,10 @@ class Admitter:
 
     def _withdraw(self, item: WorkItem) -> None:
         for _ in range(ATTEMPTS):
+            mine = read_row(self.table, item.coalesceKey, item.call_id)
+            if mine is not None and "eta" in mine:
+                return  # another delivery of the same message queued it meanwhile: it stays
             operations = self._withdrawal(item, read_row(self.table, item.coalesceKey, OPEN))
-            if not operations:
-                return
             try:
                 self.table.submit_transaction(operations)
                 return
@@ -188,12 +186,11 @@ class Admitter:
 
     @staticmethod
     def _withdrawal(item: WorkItem, group: TableEntity | None) -> list:
-        """The transaction that withdraws the call from the group as read; empty when it must stay."""
+        """The transaction that withdraws the call from the group as read."""
         key, mine = item.coalesceKey, ("delete", {"PartitionKey": item.coalesceKey, "RowKey": item.call_id})
         followers = followers_of(group)
         if group is not None and group.get("leader") == item.call_id:
-            if group.get("queued", True):
-                return []  # another delivery of the same message queued it meanwhile: it stays
+            # Never queued, so nobody joined it (except in groups opened before joins waited for that).
             return [delete_if_unchanged(key, OPEN, group.metadata["etag"]), mine]
         if group is not None and item.call_id in {f.call_id for f in followers}:
             stay = [f for f in followers if f.call_id != item.call_id]

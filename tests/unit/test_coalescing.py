@@ -156,16 +156,19 @@ def test_an_outage_while_admitting_raises_and_strands_nobody(store, clock):
 
 
 # -- mark queued --------------------------------------------------------------------------------
-def test_mark_queued_ignores_groups_closed_meanwhile_and_outages(store):
-    gone = store.admit([call("u1")])[0].item
-    store.start_call(gone)                                    # its worker ran first
-    store.mark_queued([gone])
-    assert OPEN not in rows(store, gone)
+def test_marking_queued_keeps_the_open_rows_etag_and_survives_an_outage(store):
+    [admitted] = store.admit([call("u1")])
+    created = rows(store, admitted.item)[OPEN].metadata["etag"]
+    store.mark_queued([admitted.item.model_copy(update={"notBefore": 5.0})])
+    assert rows(store, admitted.item)[OPEN].metadata["etag"] == created   # the worker closes in one go
+    requests = store.table.requests
+    assert store.start_call(admitted.item).followers == [] and store.table.requests == requests + 1
     pending = store.admit([call("u2")])[0].item
     store.table.fault = lambda operation: (_ for _ in ()).throw(ServiceRequestError("down"))
-    store.mark_queued([pending])                              # logged, not raised: it stays pending
+    store.mark_queued([pending])                              # logged, not raised: nobody may join it
     store.table.fault = lambda operation: None
-    assert rows(store, pending)[OPEN]["queued"] is False
+    assert "eta" not in rows(store, pending)[pending.call_id]
+    assert admit(store, call("u2")) == [LEAD]
 
 
 # -- withdraw -----------------------------------------------------------------------------------
@@ -185,7 +188,7 @@ def test_withdrawing_keeps_what_an_earlier_delivery_queued(store):
     leader = lead_and_queue(store, call("u1"))
     again = store.admit([leader.model_copy()])
     store.forget(again)
-    assert rows(store, leader)[OPEN]["queued"] is True
+    assert rows(store, leader)[OPEN]["leader"] == leader.call_id and "eta" in rows(store, leader)[leader.call_id]
     lead = store.admit([call("u2")])[0]
     store.mark_queued([lead.item.model_copy(update={"notBefore": 1.0})])   # another delivery queued it
     store.forget([lead])
