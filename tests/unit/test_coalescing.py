@@ -306,3 +306,14 @@ def test_a_refused_redelivery_keeps_the_followers_of_a_call_already_going_out(st
     store.forget(store.admit([leader.model_copy(), follower.model_copy()]))   # a redelivery, refused
     again = store.start_call(leader)                           # its work message ran again
     assert [f.call_id for f in again.followers] == [follower.call_id]
+
+
+def test_a_refused_redelivery_leaves_the_status_of_calls_already_going_out(store):
+    [due_now] = store.admit([call("u1")])                      # sent through the output binding: no slot row
+    store.start_call(due_now.item)
+    leader = lead_and_queue(store, call("u3"))
+    joined = store.admit([call("u3")])[0]
+    store.forget(store.admit([due_now.item.model_copy(update={"coalesceKey": None, "openEtag": None}),
+                              joined.item.model_copy(update={"coalesceKey": None})]))
+    assert rows(store, due_now.item)[due_now.item.call_id]["state"] == CALLING
+    assert rows(store, joined.item)[joined.item.call_id]["servedBy"] == leader.call_id
