@@ -129,3 +129,16 @@ def test_every_call_of_a_clean_run_is_served_once_and_coalescing_saves_calls():
     followers = sum(1 for s in world.served if s.served_by)
     assert world.graph_calls + followers == len(results) and followers > 0
     assert uuid.UUID(next(iter(results)).split(":")[0])
+
+
+def test_queue_door_request_ids_are_derived_from_the_message_and_http_ids_are_random():
+    from shared.intake.validation import accept
+    from shared.settings import Settings
+
+    s = Settings(AzureWebJobsStorage="UseDevelopmentStorage=true")
+    body = json.dumps([event(SUBJECTS[0], "a"), event(SUBJECTS[0], "b")])
+    first, again = (accept(body, s, message_id="msg-1") for _ in range(2))
+    assert [r.requestId for r in first] == [r.requestId for r in again]
+    assert len({r.requestId for r in first} | {r.requestId for r in accept(body, s, message_id="msg-2")}) == 4
+    assert {r.requestId for r in accept(body, s)}.isdisjoint(r.requestId for r in accept(body, s))
+    assert all(item.requestId == r.requestId for r in first for item in r.items)
