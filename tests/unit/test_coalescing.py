@@ -317,3 +317,22 @@ def test_a_refused_redelivery_leaves_the_status_of_calls_already_going_out(store
                               joined.item.model_copy(update={"coalesceKey": None})]))
     assert rows(store, due_now.item)[due_now.item.call_id]["state"] == CALLING
     assert rows(store, joined.item)[joined.item.call_id]["servedBy"] == leader.call_id
+
+
+# -- the status answer --------------------------------------------------------------------------
+def test_an_overdue_call_says_whether_it_is_known_to_be_queued(store, clock):
+    from shared.status.read_model import STALLED_CALLING, STALLED_QUEUED, STALLED_UNCONFIRMED
+
+    assert store.read(str(uuid.uuid4()), 2.0, 30) is None
+    queued = lead_and_queue(store, call("u1"), slot=clock.now - 600)
+    follower = store.admit([call("u1")])[0].item
+    unconfirmed = store.admit([call("u2")])[0].item.model_copy(update={"notBefore": clock.now - 600})
+    store.record_requests([(c.requestId, None, "normal", [c]) for c in (queued, follower, unconfirmed)])
+    notes = {c.call_id: store.read(c.requestId, 2.0, 30).calls[0] for c in (queued, follower, unconfirmed)}
+    assert notes[queued.call_id].note == STALLED_QUEUED and notes[follower.call_id].note == STALLED_QUEUED
+    assert notes[follower.call_id].servedBy == queued.call_id
+    assert notes[unconfirmed.call_id].stalled and notes[unconfirmed.call_id].note == STALLED_UNCONFIRMED
+    store.start_call(queued)
+    clock.now += 600
+    going = store.read(follower.requestId, 2.0, 30)
+    assert going.state == CALLING and going.calls[0].note == STALLED_CALLING
