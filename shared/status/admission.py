@@ -150,12 +150,14 @@ class Admitter:
         """The work messages of these leaders are on the queue: their rows get their slots, which
         makes their groups joinable and tells the status that they will run. Best effort: a call
         left unmarked only means later equal calls make calls of their own."""
-        for item in items:
-            try:
-                self.table.upsert_entity({"PartitionKey": item.coalesceKey, "RowKey": item.call_id,
-                                          "eta": item.notBefore})
-            except AzureError as exc:
-                log.warning("call %s not recorded as queued: %s", item.call_id, type(exc).__name__)
+        with ThreadPoolExecutor(max_workers=min(PARALLEL, len(items)) or 1) as pool:
+            list(pool.map(self._mark_queued, items))
+
+    def _mark_queued(self, item: WorkItem) -> None:
+        try:
+            self.table.upsert_entity({"PartitionKey": item.coalesceKey, "RowKey": item.call_id, "eta": item.notBefore})
+        except AzureError as exc:
+            log.warning("call %s not recorded as queued: %s", item.call_id, type(exc).__name__)
 
     def forget(self, admissions: list[Admission]) -> None:
         """Undo admit() for calls that will not be queued after all (their post was refused or
