@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any, Iterable, Mapping, Protocol
 
 from azure.core import MatchConditions
+from azure.core.exceptions import ResourceNotFoundError
 from azure.data.tables import TableEntity, TableServiceClient, UpdateMode
 
 from shared.settings import Settings
@@ -62,8 +63,6 @@ def delete_if_unchanged(key: str, row_key: str, etag: str) -> Operation:
 
 
 def read_row(table: StatusTable, key: str, row_key: str) -> TableEntity | None:
-    from azure.core.exceptions import ResourceNotFoundError
-
     try:
         return table.get_entity(key, row_key)
     except ResourceNotFoundError:
