@@ -43,6 +43,8 @@ bench-full: setup
 # The long fault-injection runs behind RELIABILITY.md (make test runs shortened versions).
 reliability: setup
 	RELIABILITY_REQUESTS=100 RELIABILITY_KILLS=20 $(PY) -m pytest -s -q tests/system/test_scale_out.py::test_i2_sigkilled_hosts_lose_nothing_and_never_break_the_limit tests/system/test_faults.py
+	$(PY) -m pytest -s -q tests/unit/test_intake_crash.py tests/unit/test_coalescing_properties.py
+	RELIABILITY_INTAKE_MESSAGES=40 RELIABILITY_INTAKE_KILLS=12 $(PY) -m pytest -s -q tests/system/test_intake_kills.py
 
 clean:
 	rm -rf $(VENV) $(TOOLS) node_modules .run .pytest_cache .hypothesis

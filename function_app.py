@@ -68,7 +68,8 @@ def intake_queue(msg: func.QueueMessage, work: func.Out[List[str]], parked: func
     from shared.operations.readiness import queue_door
 
     due = queue_door(lambda: parked.set(_text(msg)),
-                     lambda rt: handlers.intake_message(msg.get_body(), rt, delivery=msg.dequeue_count or 1))
+                     lambda rt: handlers.intake_message(msg.get_body(), rt, delivery=msg.dequeue_count or 1,
+                                                             message_id=msg.id))
     if due:
         work.set(due)
 

@@ -27,10 +27,11 @@ from shared.intake.validation import (
 from shared.models import GUID_RE, WorkItem
 from shared.operations import poison_sweep as poison
 from shared.operations.readiness import return_parked
-from shared.ratelimit.placement import place, place_now
+from shared.ratelimit.placement import place
 from shared.replies import HttpReply, error_reply
 from shared.results import callbacks
 from shared.runtime import Runtime
+from shared.status.admission import LEAD
 from shared.worker import handle_work_message
 
 log = logging.getLogger(__name__)
@@ -38,35 +39,50 @@ log = logging.getLogger(__name__)
 REPLAYED_HEADER = "Idempotent-Replayed"
 
 
-def _enqueue(accepted: list[AcceptedRequest], rt: Runtime) -> list[str]:
-    """Record every call's status, let equal waiting calls join, and book slots for the rest; refuse
+def _enqueue(accepted: list[AcceptedRequest], rt: Runtime, redelivered_on_failure: bool = False) -> list[str]:
+    """Record every call's status, let equal queued calls be joined, and book slots for the rest; refuse
     the lot when the wait would exceed MAX_EXPECTED_WAIT_HOURS. Raises StatusStoreUnavailable when the
-    status table cannot be written: the queue door retries, the HTTP door answers 503."""
-    items = [item for request in accepted for item in request.items]
-    limit = rt.settings.max_expected_wait_hours * 3600
+    status table cannot be written: the queue door retries, the HTTP door answers 503. What a failed
+    admit() left behind strands nobody (shared/status/admission.py): it is not withdrawn. Once the
+    calls are queued, a request row that cannot be written fails the run only where a redelivery
+    (`redelivered_on_failure`, the queue door) recognises the same requests and writes it again."""
+    admitted = rt.status.admit([item for request in accepted for item in request.items])
+    leaders = [a.item for a in admitted if a.role == LEAD]
     try:
-        leaders = rt.status.admit(items)
-        work = place(leaders, rt, max_wait=limit)
+        work = place(leaders, rt, max_wait=rt.settings.max_expected_wait_hours * 3600)
     except Exception as exc:
-        _withdraw(items, rt)
+        rt.status.forget(admitted)
         if not isinstance(exc, BacklogTooLong):
             raise
-        raise RequestRejected(
-            503, "BacklogTooLong",
-            f"the backlog would delay these calls by about {exc.wait / 3600:.1f} h, more than "
-            f"MAX_EXPECTED_WAIT_HOURS ({rt.settings.max_expected_wait_hours:g} h); send them later",
-            [{"expectedWaitSeconds": round(exc.wait)}],
-            headers={"Retry-After": str(max(1, round(exc.wait - limit)))}) from None
-    rt.status.record_requests((a.requestId, a.correlationId, a.priority, a.items) for a in accepted)
+        raise _backlog_too_long(exc, rt) from None
+    # Only work sent by the SDK is known to be on the queue; the output binding writes after we return.
+    due = {WorkItem.model_validate_json(text).call_id for text in work}
+    rt.status.mark_queued([item for item in leaders if item.call_id not in due])
+    _record_requests(accepted, [a.item for a in admitted], rt, redelivered_on_failure)
     return work
 
 
-def _withdraw(items: list[WorkItem], rt: Runtime) -> None:
-    # Requests accepted earlier may have joined these calls meanwhile: their calls are still made.
-    heirs = rt.status.forget(items)
-    if heirs:
-        place_now(heirs, rt)
-        rt.status.booked(heirs)
+def _backlog_too_long(exc: BacklogTooLong, rt: Runtime) -> RequestRejected:
+    limit = rt.settings.max_expected_wait_hours * 3600
+    return RequestRejected(
+        503, "BacklogTooLong",
+        f"the backlog would delay these calls by about {exc.wait / 3600:.1f} h, more than "
+        f"MAX_EXPECTED_WAIT_HOURS ({rt.settings.max_expected_wait_hours:g} h); send them later",
+        [{"expectedWaitSeconds": round(exc.wait)}],
+        headers={"Retry-After": str(max(1, round(exc.wait - limit)))})
+
+
+def _record_requests(accepted: list[AcceptedRequest], admitted: list[WorkItem], rt: Runtime,
+                     redelivered_on_failure: bool) -> None:
+    # The admitted calls carry their group keys and booked slots.
+    by_call = {item.call_id: item for item in admitted}
+    try:
+        rt.status.record_requests((a.requestId, a.correlationId, a.priority, [by_call[i.call_id] for i in a.items])
+                                  for a in accepted)
+    except StatusStoreUnavailable:
+        if redelivered_on_failure:
+            raise
+        log.warning("request status not recorded; the calls are queued and report their results")
 
 
 def _status_unavailable() -> RequestRejected:
@@ -82,8 +98,8 @@ def _name_lookup(rt: Runtime) -> NameResolver:
     return NameResolver(rt.graph, cache_for(rt.settings.name_cache_seconds), rt.settings)
 
 
-def _accept(text: str, rt: Runtime) -> list[AcceptedRequest]:
-    accepted = accept(text, rt.settings, rules=_rule_lookup(rt), names=_name_lookup(rt))
+def _accept(text: str, rt: Runtime, message_id: str | None = None) -> list[AcceptedRequest]:
+    accepted = accept(text, rt.settings, rules=_rule_lookup(rt), names=_name_lookup(rt), message_id=message_id)
     bulk = len(accepted) > 1
     callbacks.check_requests(((f"[{i}].callbackUrl" if bulk else "callbackUrl", a.items[0].callbackUrl)
                               for i, a in enumerate(accepted) if a.items and a.items[0].callbackUrl), rt.settings)
@@ -183,14 +199,15 @@ INTAKE_DELIVERIES = 5
 TRANSIENT_INTAKE_CODES = {"SchemaUnavailable", "DirectoryUnavailable"}
 
 
-def intake_message(raw: bytes | str, rt: Runtime, delivery: int = 1) -> list[str]:
+def intake_message(raw: bytes | str, rt: Runtime, delivery: int = 1, message_id: str | None = None) -> list[str]:
     """A message on the intake queue; returns the work due now for the output binding. Bad input
     is dead-lettered at once: retrying cannot fix it. A job schema Graph could not serve just now
-    is retried through the queue, and dead-lettered (replayable) on the last delivery."""
+    is retried through the queue, and dead-lettered (replayable) on the last delivery. Request ids
+    come from `message_id`: every delivery of the message names the same requests."""
     original = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
     try:
-        accepted = _accept(decode_queue_text(raw), rt)
-        work = _enqueue(accepted, rt)
+        accepted = _accept(decode_queue_text(raw), rt, message_id=message_id)
+        work = _enqueue(accepted, rt, redelivered_on_failure=True)
     except RequestRejected as rejected:
         if rejected.info.code in TRANSIENT_INTAKE_CODES and delivery < INTAKE_DELIVERIES:
             log.warning("intake message deferred (%s), delivery %d of %d", rejected.info.code, delivery,

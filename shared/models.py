@@ -274,7 +274,7 @@ class CloudEventRef(BaseModel):
 
 
 class Follower(BaseModel):
-    """A call that joined an equal waiting call instead of making its own (shared/status/store.py)."""
+    """A call that joined an equal waiting call instead of making its own (shared/status/admission.py)."""
 
     requestId: str
     callIndex: int
@@ -311,9 +311,9 @@ class WorkItem(BaseModel):
     priority: Priority = "normal"
     displaced: int = 0  # times it found no token at its slot; the second time it moves to the high lane
     outOfScopeRetries: int = 0  # calls repeated because the subject was not in scope yet (OUT_OF_SCOPE_RETRY_MINUTES)
-    # Coalescing (shared/status/store.py): the equal-call group; while this call leads it, the etag of its
-    # open row as created ("" when the group it leads must be read first); the calls that joined,
-    # once the group was closed.
+    # Coalescing (shared/status/): the equal-call group; while this call leads it, the etag of its open
+    # row as intake opened it (None: a call outside any group); the calls that joined, once the group
+    # was closed. Set on copies by the status store, never in place.
     coalesceKey: str | None = None
     openEtag: str | None = None
     followers: list[Follower] = Field(default_factory=list)

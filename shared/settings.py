@@ -84,7 +84,7 @@ class Settings(BaseSettings):
     results_queue: str = Field("provision-results", alias="RESULTS_QUEUE")
     deadletter_queue: str = Field("provision-deadletter", alias="DEADLETTER_QUEUE")
     lease_queue: str = Field("provision-leases", alias="LEASE_QUEUE")
-    # Tables: status and coalescing (shared/status/store.py), keys and seen signatures (shared/intake/idempotency.py).
+    # Tables: status and coalescing (shared/status/), keys and seen signatures (shared/intake/idempotency.py).
     status_table: str = Field("provisionstatus", alias="STATUS_TABLE", pattern=TABLE_NAME)
     coalesce_requests: bool = Field(True, alias="COALESCE_REQUESTS")
     idempotency_table: str = Field("provisionkeys", alias="IDEMPOTENCY_TABLE", pattern=TABLE_NAME)

@@ -152,7 +152,7 @@ RuleLookup = Callable[[str, str, Subject, str], str]
 
 def plan(event: GraphBodyEvent | CompactEvent, settings: Settings, index: int | None = None,
          received_at: datetime | None = None, rules: RuleLookup | None = None,
-         names: NameResolver | None = None) -> AcceptedRequest:
+         names: NameResolver | None = None, request_id: str | None = None) -> AcceptedRequest:
     prefix = f"[{index}]." if index is not None else ""
     sp, job = _target(event, settings, prefix, names)
     if isinstance(event, CompactEvent):
@@ -160,7 +160,7 @@ def plan(event: GraphBodyEvent | CompactEvent, settings: Settings, index: int | 
     else:
         triples = [(p.ruleId, s, f"parameters[{i}].ruleId", f"{prefix}parameters[{i}].subjects[{j}]")
                    for i, p in enumerate(event.parameters) for j, s in enumerate(p.subjects)]
-    accepted = AcceptedRequest(requestId=str(uuid.uuid4()), correlationId=event.correlationId,
+    accepted = AcceptedRequest(requestId=request_id or str(uuid.uuid4()), correlationId=event.correlationId,
                                priority=event.priority)
 
     def rule_for(rule: str | None, call: Subject, name: str) -> str:
@@ -198,12 +198,26 @@ def check_call_count(events: list[GraphBodyEvent | CompactEvent], settings: Sett
                               [{"calls": total, "limit": settings.max_calls_per_post}])
 
 
+# requestIds of queue messages: uuid5 names under this namespace (a fixed, random GUID).
+MESSAGE_NAMESPACE = uuid.UUID("5f0c4b9e-3d5a-4f51-9a49-1f0e6d2c7a11")
+
+
+def message_request_id(message_id: str, index: int) -> str:
+    """The requestId of the index-th event of a queue message: the same on every delivery, so a
+    redelivered message is recognised as the same requests (shared/status/admission.py)."""
+    return str(uuid.uuid5(MESSAGE_NAMESPACE, f"{message_id}/{index}"))
+
+
 def accept(text: str, settings: Settings, rules: RuleLookup | None = None,
-           names: NameResolver | None = None) -> list[AcceptedRequest]:
+           names: NameResolver | None = None, message_id: str | None = None) -> list[AcceptedRequest]:
+    """The requests of a body; their ids are derived from `message_id` when given (the queue door),
+    random otherwise."""
     events = parse_body(text)
     check_call_count(events, settings)
     bulk = len(events) > 1 or text.lstrip().startswith("[")
-    return [plan(e, settings, i if bulk else None, rules=rules, names=names) for i, e in enumerate(events)]
+    return [plan(e, settings, i if bulk else None, rules=rules, names=names,
+                 request_id=message_request_id(message_id, i) if message_id else None)
+            for i, e in enumerate(events)]
 
 
 def check_http_request(body: bytes, headers: Mapping[str, str], settings: Settings) -> str:

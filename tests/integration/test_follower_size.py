@@ -8,7 +8,7 @@ import uuid
 from scripts.local_stack import EXAMPLE_JOB, EXAMPLE_RULE, EXAMPLE_SP
 from shared.models import CloudEventRef, Subject, SubjectName, WorkItem, utcnow
 from shared.queues import MAX_MESSAGE_BYTES
-from shared.status.store import FOLLOWERS_CHARS, OPEN
+from shared.status.rows import FOLLOWERS_CHARS, OPEN
 from tests.integration.test_status import store  # noqa: F401 - the status store fixture, on Azurite
 
 OBJECT = "9bb0f679-a883-4a6f-8260-35b491b8b8c8"

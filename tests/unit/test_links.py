@@ -112,7 +112,7 @@ def test_results_echo_the_links():
 
 
 def test_calls_with_different_links_never_coalesce():
-    from shared.status.store import group_key
+    from shared.status.rows import group_key
 
     def key(**links: str) -> str:
         [request] = accept(json.dumps({"objectId": USER, "objectTypeName": "User", **links}), settings())

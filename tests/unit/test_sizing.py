@@ -19,7 +19,7 @@ from shared.queues import MAX_MESSAGE_BYTES
 from shared.results.sinks import RESULT_KEEP, fit_for_queue
 from shared.results.sizing import fit_document, size
 from shared.settings import Settings
-from shared.status.store import RESULT_CHARS
+from shared.status.rows import RESULT_CHARS
 
 SP = "c8c95753-f628-48e1-9fab-76c2d4cf624c"
 USER = "9bb0f679-a883-4a6f-8260-35b491b8b8c8"
