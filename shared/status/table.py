@@ -13,7 +13,7 @@ from typing import Any, Iterable, Mapping, Protocol
 
 from azure.core import MatchConditions
 from azure.core.exceptions import ResourceNotFoundError
-from azure.data.tables import TableEntity, TableServiceClient, UpdateMode
+from azure.data.tables import TableEntity, UpdateMode
 
 from shared.settings import Settings
 
