@@ -9,8 +9,9 @@ from datetime import datetime
 
 import httpx
 import pytest
+from azure.core import MatchConditions
 from azure.core.exceptions import ResourceExistsError
-from azure.data.tables import TableClient, TableTransactionError
+from azure.data.tables import TableClient, TableTransactionError, UpdateMode
 from azure.storage.queue import QueueClient
 
 from scripts.local_stack import EXAMPLE_JOB, EXAMPLE_RULE, EXAMPLE_SP
@@ -192,8 +193,40 @@ def test_the_memory_table_answers_like_azurite(azurite):
         t.upsert_entity({"PartitionKey": "p", "RowKey": "a", "n": 3})
         return t.submit_transaction([delete_if_unchanged("p", "a", etag)])
 
+    def stale_single_update(t):
+        etag = t.create_entity({"PartitionKey": "i", "RowKey": "u", "n": 1})["etag"]
+        t.update_entity({"PartitionKey": "i", "RowKey": "u", "n": 2}, mode=UpdateMode.REPLACE, etag=etag,
+                        match_condition=MatchConditions.IfNotModified)
+        return t.update_entity({"PartitionKey": "i", "RowKey": "u", "n": 3}, etag=etag,
+                               match_condition=MatchConditions.IfNotModified)
+
+    def stale_single_delete(t):
+        etag = t.get_entity("i", "u").metadata["etag"]
+        t.upsert_entity({"PartitionKey": "i", "RowKey": "u", "n": 4})
+        return t.delete_entity("i", "u", etag=etag, match_condition=MatchConditions.IfNotModified)
+
+    def fresh_single_delete(t):
+        etag = t.get_entity("i", "u").metadata["etag"]
+        t.delete_entity("i", "u", etag=etag, match_condition=MatchConditions.IfNotModified)
+        return t.get_entity("i", "u")
+
+    def expired(t):
+        for n in range(3):
+            t.upsert_entity({"PartitionKey": "e", "RowKey": str(n), "expiresAt": 100.0 * n})
+        return [(e["PartitionKey"], e["RowKey"], sorted(e)) for e in
+                t.query_entities("expiresAt lt @now", parameters={"now": 150.0}, select=["PartitionKey", "RowKey"])]
+
     steps = [
         lambda t: t.submit_transaction([("create", {"PartitionKey": "p", "RowKey": "a", "n": 1})]),
+        # what the idempotency store asks, outside transactions
+        lambda t: t.create_entity({"PartitionKey": "p", "RowKey": "a"}),
+        lambda t: t.create_entity({"PartitionKey": "i", "RowKey": "big", "s": "x" * (32 * 1024 + 1)}),
+        lambda t: t.update_entity({"PartitionKey": "i", "RowKey": "missing"}, etag='W/"x"',
+                                  match_condition=MatchConditions.IfNotModified),
+        stale_single_update,
+        stale_single_delete,
+        lambda t: t.delete_entity("i", "missing", etag='W/"x"', match_condition=MatchConditions.IfNotModified),
+        fresh_single_delete,
         lambda t: t.submit_transaction([("create", {"PartitionKey": "p", "RowKey": "b"}),
                                         ("create", {"PartitionKey": "p", "RowKey": "a"})]),
         lambda t: t.get_entity("p", "b"),
@@ -213,6 +246,8 @@ def test_the_memory_table_answers_like_azurite(azurite):
     try:
         model = MemoryTable()
         assert [outcome(model, step) for step in steps] == [outcome(real, step) for step in steps]
+        assert expired(model) == expired(real) == [("e", "0", ["PartitionKey", "RowKey"]),
+                                                    ("e", "1", ["PartitionKey", "RowKey"])]
         assert sorted(e["RowKey"] for e in model.query_entities("PartitionKey eq @id", parameters={"id": "p"})) == \
             sorted(e["RowKey"] for e in real.query_entities("PartitionKey eq @id", parameters={"id": "p"}))
     finally:
