@@ -212,7 +212,7 @@ def test_the_memory_table_answers_like_azurite(azurite):
 
     def expired(t):
         for n in range(3):
-            t.upsert_entity({"PartitionKey": "e", "RowKey": str(n), "expiresAt": 100.0 * n})
+            t.upsert_entity({"PartitionKey": "e", "RowKey": str(n), "expiresAt": 75.0 * n})  # the last one on the bound
         return [(e["PartitionKey"], e["RowKey"], sorted(e)) for e in
                 t.query_entities("expiresAt lt @now", parameters={"now": 150.0}, select=["PartitionKey", "RowKey"])]
 
