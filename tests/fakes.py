@@ -179,8 +179,8 @@ class MemoryTable:
             raise NotImplementedError(query_filter)
         bound, compare = parameters[name[1:]], _COMPARISONS[op]
         with self._lock:
-            found = [key for key in sorted(self.rows) if prop in self.rows[key] and compare(self.rows[key][prop], bound)]
-            return [self._entity(key, select) for key in found]
+            return [self._entity(key, select) for key, row in sorted(self.rows.items())
+                    if prop in row and compare(row[prop], bound)]
 
     def submit_transaction(self, operations: Iterable[tuple]) -> list[dict]:
         self._request("transaction")
