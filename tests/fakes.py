@@ -13,8 +13,9 @@ import itertools
 import operator
 import random
 import threading
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
 
 from azure.core import MatchConditions
 from azure.core.exceptions import (
