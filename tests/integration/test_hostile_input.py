@@ -28,6 +28,7 @@ from shared.intake.validation import accept
 from shared.models import CompactEvent, GraphBodyEvent, WorkItem
 from shared.queues import MAX_MESSAGE_BYTES
 from shared.settings import Settings
+from shared.status.admission import LEAD, Admission
 from tests.fakes import MemoryTable
 
 SP = "c8c95753-f628-48e1-9fab-76c2d4cf624c"
@@ -70,8 +71,11 @@ class FakeQueues:
 class NoStatus:
     """Stands in for the status table in the fuzzing runs: every call gets a slot of its own."""
 
-    def admit(self, items: list[WorkItem]) -> list[WorkItem]:
-        return items
+    def admit(self, items: list[WorkItem]) -> list[Admission]:
+        return [Admission(item, LEAD) for item in items]
+
+    def mark_queued(self, items: list[WorkItem]) -> None:
+        pass
 
     def record_requests(self, requests: Any) -> None:
         list(requests)
