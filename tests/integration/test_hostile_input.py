@@ -29,7 +29,7 @@ from shared.models import CompactEvent, GraphBodyEvent, WorkItem
 from shared.queues import MAX_MESSAGE_BYTES
 from shared.settings import Settings
 from shared.status.admission import LEAD, Admission
-from tests.memory_table import MemoryTable
+from tests.fakes import MemoryTable
 
 SP = "c8c95753-f628-48e1-9fab-76c2d4cf624c"
 USER = "9bb0f679-a883-4a6f-8260-35b491b8b8c8"
@@ -80,8 +80,8 @@ class NoStatus:
     def record_requests(self, requests: Any) -> None:
         list(requests)
 
-    def forget(self, admissions: list[Admission]) -> None:
-        pass
+    def forget(self, items: list[WorkItem]) -> list[WorkItem]:
+        return []
 
 
 class FakeRuntime:
