@@ -10,12 +10,15 @@ tests/integration/test_status.py checks it answers as Azurite does).
 from __future__ import annotations
 
 import itertools
+import json
 import operator
 import random
 import threading
 from collections.abc import Callable, Iterable, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
+from unittest import mock
 
 from azure.core import MatchConditions
 from azure.core.exceptions import (
@@ -26,8 +29,15 @@ from azure.core.exceptions import (
     ServiceRequestError,
 )
 from azure.data.tables import TableEntity, TableTransactionError, UpdateMode
+from pydantic import BaseModel
 
+from shared import handlers
+from shared.intake.idempotency import AnswerBook
+from shared.models import WorkItem
+from shared.queues import MAX_MESSAGE_BYTES
 from shared.ratelimit.token_gate import RawToken
+from shared.settings import Settings
+from shared.status.admission import LEAD, Admission
 
 
 class Clock:
@@ -275,3 +285,56 @@ def _entity_size(row: dict) -> int:
         data = len(value.encode("utf-16-le")) + 4 if isinstance(value, str) else 8
         size += 8 + 2 * len(name) + data
     return size
+
+
+# -- the app's runtime without storage, for intake tests in process ----------------------------------
+SP = "c8c95753-f628-48e1-9fab-76c2d4cf624c"
+SETTINGS = Settings(AzureWebJobsStorage="UseDevelopmentStorage=true", DEFAULT_SERVICE_PRINCIPAL_ID=SP,
+                    DEFAULT_JOB_ID="scim.job", DEFAULT_RULE_ID="rule-1#V2")
+
+
+class FakeQueues:
+    """Captures what would go to storage, with storage's own 64 KiB limit."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, dict]] = []
+
+    def send_json(self, name: str, body: BaseModel | dict, *, delay: int = 0) -> None:
+        text = body.model_dump_json(exclude_none=True) if isinstance(body, BaseModel) else json.dumps(body)
+        assert len(text.encode("utf-8")) <= MAX_MESSAGE_BYTES, "a dead letter must fit in a queue message"
+        self.sent.append((name, json.loads(text)))
+
+
+class NoStatus:
+    """Stands in for the status table in the fuzzing runs: every call gets a slot of its own."""
+
+    def admit(self, items: list[WorkItem]) -> list[Admission]:
+        return [Admission(item, LEAD) for item in items]
+
+    def mark_queued(self, items: list[WorkItem]) -> None:
+        pass
+
+    def record_requests(self, requests: Any) -> None:
+        list(requests)
+
+    def forget(self, items: list[WorkItem]) -> list[WorkItem]:
+        return []
+
+
+class FakeRuntime:
+    def __init__(self) -> None:
+        self.settings = SETTINGS
+        self.queues = FakeQueues()
+        self.graph = None
+        self.status = NoStatus()
+        self.answers = AnswerBook(MemoryTable(), retention_seconds=3600)
+
+
+@contextmanager
+def no_storage():
+    """Accepted work is serialised as the work queue would get it, and not booked anywhere."""
+    def place(items: list[WorkItem], rt: Any, **_: Any) -> list[str]:
+        return [item.model_dump_json(exclude_none=True) for item in items]
+    with mock.patch.object(handlers, "place", place), \
+            mock.patch.object(handlers, "_rule_lookup", lambda rt: None, create=True):
+        yield

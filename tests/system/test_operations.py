@@ -277,7 +277,7 @@ def test_the_last_delivery_of_an_intake_message_dead_letters_a_schema_that_stays
     from unittest import mock
 
     from shared import handlers
-    from tests.integration.test_hostile_input import FakeRuntime
+    from tests.fakes import FakeRuntime
 
     def unavailable(*_):
         raise RequestRejected(503, "SchemaUnavailable", "the job's schema could not be read")
