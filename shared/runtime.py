@@ -16,8 +16,7 @@ from shared.queues import Queues, service_client
 from shared.ratelimit.slot_timeline import Schedule
 from shared.ratelimit.token_gate import QueueTokenStore, RateGate, pool_queue_name
 from shared.results.callbacks import CallbackLedger, http_client
-from shared.results.log_analytics import result_sinks
-from shared.results.sinks import ResultSink
+from shared.results.sinks import ResultSink, result_sinks
 from shared.settings import Settings, get_settings
 from shared.status.store import StatusStore
 
