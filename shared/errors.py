@@ -7,6 +7,7 @@
     ├── StatusStoreUnavailable        the status table could not be read or written; retry later
     ├── SettingsError                 configuration missing or invalid at start-up (also a RuntimeError)
     ├── UploadFailed                  the Logs Ingestion API refused or could not be reached
+    ├── SendDeadlinePassed            a rate-lease token's deadline passed before its request was written: nothing sent
     └── GraphFailure                  a provisionOnDemand (or job/schema) call did not succeed
         ├── GraphThrottled            429: the whole pool holds back for Retry-After
         ├── GraphTransient            408, 5xx, timeouts, resets, unreadable answers: try again later
@@ -61,6 +62,16 @@ class StatusStoreUnavailable(ProvisioningError):
 
 class SettingsError(ProvisioningError, RuntimeError):
     """Raised at start-up when configuration is missing or invalid; the message says what to fix."""
+
+
+class SendDeadlinePassed(ProvisioningError):
+    """The request was stopped right before its headers were written because its lease token may
+    already be back in the pool (the caller stalled longer than the token's hold). Nothing reached
+    Graph; the call goes back on the queue without counting as an attempt."""
+
+    def __init__(self, late_by: float):
+        super().__init__(f"lease token deadline passed {late_by:.3f} s before the request could be written")
+        self.late_by = late_by
 
 
 @dataclass

@@ -42,7 +42,7 @@ def _enqueue(accepted: list[AcceptedRequest], rt: Runtime) -> list[str]:
     limit = rt.settings.max_expected_wait_hours * 3600
     try:
         leaders = rt.status.admit(items)
-        work = place(leaders, rt, max_wait=limit)
+        placed = place(leaders, rt, max_wait=limit)
     except Exception as exc:
         _withdraw(items, rt)
         if not isinstance(exc, BacklogTooLong):
@@ -53,16 +53,19 @@ def _enqueue(accepted: list[AcceptedRequest], rt: Runtime) -> list[str]:
             f"MAX_EXPECTED_WAIT_HOURS ({rt.settings.max_expected_wait_hours:g} h); send them later",
             [{"expectedWaitSeconds": round(exc.wait)}],
             headers={"Retry-After": str(max(1, round(exc.wait - limit)))}) from None
-    rt.status.record_requests((a.requestId, a.correlationId, a.priority, a.items) for a in accepted)
-    return work
+    slots = {item.call_id: item.notBefore for item in placed.booked}
+    rt.status.record_requests(
+        (a.requestId, a.correlationId, a.priority,
+         [item.model_copy(update={"notBefore": slots.get(item.call_id, item.notBefore)}) for item in a.items])
+        for a in accepted)
+    return placed.due_now
 
 
 def _withdraw(items: list[WorkItem], rt: Runtime) -> None:
     # Requests accepted earlier may have joined these calls meanwhile: their calls are still made.
     heirs = rt.status.forget(items)
     if heirs:
-        place_now(heirs, rt)
-        rt.status.booked(heirs)
+        rt.status.booked(place_now(heirs, rt))
 
 
 def _status_unavailable() -> RequestRejected:
