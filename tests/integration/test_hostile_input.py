@@ -26,6 +26,7 @@ from shared.graph.client import provision_path
 from shared.intake.validation import accept
 from shared.models import CompactEvent, GraphBodyEvent, WorkItem
 from shared.queues import MAX_MESSAGE_BYTES
+from shared.ratelimit.placement import Placement
 from shared.settings import Settings
 
 SP = "c8c95753-f628-48e1-9fab-76c2d4cf624c"
@@ -89,8 +90,8 @@ class FakeRuntime:
 @contextmanager
 def no_storage():
     """Accepted work is serialised as the work queue would get it, and not booked anywhere."""
-    def place(items: list[WorkItem], rt: Any, **_: Any) -> list[str]:
-        return [item.model_dump_json(exclude_none=True) for item in items]
+    def place(items: list[WorkItem], rt: Any, **_: Any) -> Placement:
+        return Placement([item.model_dump_json(exclude_none=True) for item in items], items)
     with mock.patch.object(handlers, "place", place), \
             mock.patch.object(handlers, "_rule_lookup", lambda rt: None, create=True):
         yield
