@@ -219,21 +219,32 @@ def test_a_stall_of_any_length_never_sends_on_a_token_that_may_be_back(stall, ep
     assert len(run.arrivals) >= CALLS  # the pool kept working: the stall only cost its own calls
 
 
-def test_an_old_epoch_token_taken_just_before_the_view_expires_cannot_be_sent_late():
+def test_an_old_epoch_token_taken_right_after_a_reseed_cannot_be_sent_late():
     """The epoch rule across a re-seed: a process trusts the epoch it read for epoch_ttl; a token
-    of that epoch cannot go out after that, however late its holder gets to write it."""
+    of that epoch taken just after another instance re-seeded cannot go out after that, however
+    late its holder gets to write it."""
     clock = Clock(1000.0)
-    queue = SimulatedQueue(clock, random.Random(5))
+
+    class ReseedAfterRead(SimulatedQueue):
+        reseed = None
+
+        def properties(self):
+            seen = super().properties()
+            if self.reseed is not None:
+                self.reseed, reseed = None, self.reseed
+                reseed()   # lands between the taker's read and its take
+            return seen
+
+    queue = ReseedAfterRead(clock, random.Random(5))
     old, reseeder = (RateGate(queue, CALLS, WINDOW, MARGIN, CALL_TIMEOUT, clock=clock, wall=clock) for _ in "ab")
     old.ensure_pool()
     clock.now += WINDOW + MARGIN + old.epoch_ttl + 1   # the first epoch's tokens are usable
-    assert old.acquire() is not None                    # and `old` has read the epoch just now
+    old.ensure_pool()                                   # the upkeep: `old` knows the epoch
     minted_at = clock.now
-    reseeder._mint("test: re-seed right after old's read")
-    clock.now += old.epoch_ttl * 0.45                   # still within old's trust: no re-read
+    queue.reseed = lambda: reseeder._mint("test: re-seed right after old's read")
     lease = old.acquire()
-    assert lease is not None and "epoch" in lease.token.content
-    clock.now += 2.0                                    # a 2 s stall before the request is written
+    assert lease is not None and queue.metadata["epoch"] not in lease.token.content   # an old-epoch token
+    clock.now += old.epoch_ttl + 0.1                    # a stall before the request is written
     # Sent now, this old-epoch call would still count when the new epoch's first token is used:
     assert clock.now + WINDOW + MARGIN > minted_at + WINDOW + MARGIN + old.epoch_ttl
     with pytest.raises(SendDeadlinePassed):
