@@ -1,5 +1,6 @@
 """A recording reverse proxy in front of an Azurite service (queue or table): counts every
-storage transaction (REST request) the app makes, by operation and queue or table, for the benchmark."""
+storage transaction (REST request) the app makes, by operation and queue or table, for the benchmark.
+It can also hold back answers (`delay_seconds`), to make storage slow for one host in a test."""
 from __future__ import annotations
 
 import collections
@@ -50,6 +51,8 @@ class StorageProxy:
         self.target = (target_host, target_port)
         self.classify = classify
         self.counts: collections.Counter[tuple[str, str]] = collections.Counter()
+        self.delay_seconds = 0.0  # how long each answer is held back before it is passed on
+        self._released = threading.Event()  # set() lets every held answer go at once
         self._lock = threading.Lock()
         self._local = threading.local()
         proxy = self
@@ -67,6 +70,8 @@ class StorageProxy:
                 proxy.record(self.command, split.path, split.query)
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP}
                 status, reason, response_headers, data = proxy.send(self.command, self.path, body, headers)
+                if proxy.delay_seconds > 0:
+                    proxy._released.wait(proxy.delay_seconds)
                 self.send_response(status, reason)
                 for key, value in response_headers:
                     if key.lower() not in HOP_BY_HOP and key.lower() != "content-length":
@@ -110,6 +115,15 @@ class StorageProxy:
                 if attempt:
                     raise
         raise RuntimeError("unreachable")
+
+    def slow_down(self, seconds: float) -> None:
+        """Hold back every answer for `seconds` (the operation is done; only its answer waits)."""
+        self._released.clear()
+        self.delay_seconds = seconds
+
+    def speed_up(self) -> None:
+        self.delay_seconds = 0.0
+        self._released.set()
 
     def snapshot(self) -> collections.Counter:
         with self._lock:
