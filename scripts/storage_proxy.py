@@ -53,6 +53,7 @@ class StorageProxy:
         self.counts: collections.Counter[tuple[str, str]] = collections.Counter()
         self.delay_seconds = 0.0  # how long each answer is held back before it is passed on
         self._released = threading.Event()  # set() lets every held answer go at once
+        self._drops: list = []  # predicates of requests whose answer is lost once (see lose_answer)
         self._lock = threading.Lock()
         self._local = threading.local()
         proxy = self
@@ -70,6 +71,9 @@ class StorageProxy:
                 proxy.record(self.command, split.path, split.query)
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP}
                 status, reason, response_headers, data = proxy.send(self.command, self.path, body, headers)
+                if proxy.answer_lost(self.command, split.path):
+                    self.close_connection = True  # done at the service, but the caller never hears
+                    return
                 if proxy.delay_seconds > 0:
                     proxy._released.wait(proxy.delay_seconds)
                 self.send_response(status, reason)
@@ -120,6 +124,24 @@ class StorageProxy:
         """Hold back every answer for `seconds` (the operation is done; only its answer waits)."""
         self._released.clear()
         self.delay_seconds = seconds
+
+    def lose_answer(self, method: str, path_suffix: str, nth: int = 1) -> None:
+        """Lose the answer to the nth next `method` request whose path ends with `path_suffix`."""
+        seen = iter(range(1, nth + 1))
+
+        def matches(m: str, path: str) -> bool:
+            return m == method and path.endswith(path_suffix) and next(seen, None) == nth
+
+        with self._lock:
+            self._drops.append(matches)
+
+    def answer_lost(self, method: str, path: str) -> bool:
+        with self._lock:
+            for drop in self._drops:
+                if drop(method, path):
+                    self._drops.remove(drop)
+                    return True
+        return False
 
     def speed_up(self) -> None:
         self.delay_seconds = 0.0
