@@ -54,20 +54,22 @@ def test_s1_a_host_whose_table_answers_are_delayed_far_beyond_the_hold(azurite, 
     c = Cluster(azurite, tmp_path, hosts=1)
     proxy = StorageProxy("127.0.0.1", azurite.table_port, classify=table_operation).start()
     try:
+        # It polls the work queue every 100 ms, so it surely has calls under way when its table slows.
         slow_env = {**c.env, "AzureWebJobsStorage": azurite.connection_string.replace(
-            f"127.0.0.1:{azurite.table_port}", f"127.0.0.1:{proxy.port}")}
+            f"127.0.0.1:{azurite.table_port}", f"127.0.0.1:{proxy.port}"),
+            "AzureFunctionsJobHost__extensions__queues__maxPollingInterval": "100"}
         slow = start_devhost(slow_env, log_dir=tmp_path)
         c.hosts.append(slow)
         c.warm_up()
         healthy = c.hosts[0]
-        ids = post_to(healthy, [{"objectId": user(i), "objectTypeName": "User"} for i in range(40)])
+        ids = post_to(healthy, [{"objectId": user(i), "objectTypeName": "User"} for i in range(100)])
         wait_until(lambda: results_for(c, ids) >= 5, 60, "the backlog to start")
         before = sum(proxy.snapshot().values())
         proxy.slow_down(6 * HOLD)
         # The slow host is stuck in a table call while the other one works through the backlog.
         wait_until(lambda: sum(proxy.snapshot().values()) > before, 60, "the slow host to call its table")
         stuck_at = time.monotonic()
-        wait_until(lambda: time.monotonic() - stuck_at > 3 * HOLD and results_for(c, ids) >= 20, 120,
+        wait_until(lambda: time.monotonic() - stuck_at > 3 * HOLD and results_for(c, ids) >= 30, 120,
                    "the backlog to go on without the slow host")
         proxy.speed_up()
         assert_the_promise_held(c, ids)
