@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 ERROR_RESULT = "Error"  # our own result value: no provisioning outcome, see the dead-letter queue
 TOKEN_RETRY_SECONDS = 0.25
 TOKEN_PATIENCE_SECONDS = 1.0  # how long an item on its slot keeps asking for the slot's token
+STATUS_LEAD_SECONDS = 0.25  # the `calling` stamp is written this long before the slot, off the slot's path
 
 Clock = Callable[[], float]
 Sleep = Callable[[float], None]
@@ -64,10 +65,12 @@ def process(item: WorkItem, rt: Runtime, clock: Clock = time.time, sleep: Sleep 
     if item.notBefore - clock() > s.max_slot_wait_seconds:
         hold_until_slot(item, rt, clock)
         return
+    # Until just before the slot, equal requests may still join this call's coalescing group.
+    sleep(max(0.0, min(s.max_slot_wait_seconds, item.notBefore - STATUS_LEAD_SECONDS - clock())))
     try:
         # Before the lease: a slow identity endpoint must never hold capacity.
         token = rt.graph.token()
-        # Closes the call's coalescing group: requests that arrive from now on get a call of their own.
+        # Closes the group, and before the token is taken: no storage round trip between take and send.
         item = rt.status.start_call(item)
     except (GraphFailure, StatusStoreUnavailable) as failure:
         code = failure.code if isinstance(failure, GraphFailure) else "StatusStoreUnavailable"
@@ -140,7 +143,7 @@ def give_up(item: WorkItem, rt: Runtime, info: ErrorInfo, failure: GraphFailure 
 
 def _defer(item: WorkItem, rt: Runtime, seconds: float, why: str, clock: Clock) -> None:
     again = item.model_copy(update={"deferrals": item.deferrals + 1})
-    if seconds < 1:  # no wait of its own: the next free slot, at the end of the backlog
+    if seconds <= 0:  # no wait of its own: the next free slot, at the end of the backlog
         again = place_now([again], rt, clock=clock)[0]
     else:
         hold_unbooked(again, rt, seconds)
