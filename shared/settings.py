@@ -30,7 +30,7 @@ GRAPH_ROOTS = {
 }
 
 
-SLOT_SLACK_SECONDS = 0.25
+SLOT_SLACK_SECONDS = 0.1
 
 
 class ResultsSink(str, Enum):

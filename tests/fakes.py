@@ -1,8 +1,10 @@
 """In-memory models of the Azure services the tests stand in for.
 
 `SimulatedQueue`: a storage queue on a simulated clock, for property tests of the rate gate. It keeps
-the semantics the gate relies on: visibility timeouts, pop receipts that change on every receive and
-update, stale receipts refused, metadata replaced whole, no ordering guarantee.
+the semantics the gate relies on: visibility timeouts in whole seconds (1 s to 7 days; anything else
+is refused like the service's 400), pop receipts that change on every receive and update, stale
+receipts refused, metadata replaced whole, no ordering guarantee. A put can lose its answer after
+the message was stored (`lost_put_rate`), which is what makes an SDK retry store a second copy.
 
 `MemoryTable`: an Azure Table for the status and idempotency stores (its rules are in its docstring;
 tests/integration/test_status.py checks it answers as Azurite does).
@@ -27,6 +29,7 @@ from azure.core.exceptions import (
     ResourceModifiedError,
     ResourceNotFoundError,
     ServiceRequestError,
+    ServiceResponseError,
 )
 from azure.data.tables import TableEntity, TableTransactionError, UpdateMode
 from pydantic import BaseModel
@@ -35,17 +38,23 @@ from shared import handlers
 from shared.intake.idempotency import AnswerBook
 from shared.models import WorkItem
 from shared.queues import MAX_MESSAGE_BYTES
+from shared.ratelimit.placement import Placement
 from shared.ratelimit.token_gate import RawToken
 from shared.settings import Settings
 from shared.status.admission import LEAD, Admission
 
+MAX_VISIBILITY = 7 * 24 * 3600
+
 
 class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
+    def __init__(self, now: float = 0.0) -> None:
+        self.now = now
 
     def __call__(self) -> float:
         return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += max(0.0, seconds)
 
 
 @dataclass
@@ -56,10 +65,18 @@ class _Message:
     pop: str
 
 
+def _whole_seconds(value: object, least: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not least <= value <= MAX_VISIBILITY:
+        raise HttpResponseError(message=f"visibilitytimeout must be whole seconds in [{least}, {MAX_VISIBILITY}], "
+                                        f"got {value!r}")
+    return value
+
+
 class SimulatedQueue:
-    def __init__(self, clock: Clock, rng: random.Random):
+    def __init__(self, clock: Clock, rng: random.Random, lost_put_rate: float = 0.0):
         self.clock = clock
         self.rng = rng
+        self.lost_put_rate = lost_put_rate
         self.messages: dict[str, _Message] = {}
         self.metadata: dict[str, str] = {}
         self._ids = itertools.count()
@@ -68,21 +85,26 @@ class SimulatedQueue:
         return f"p{next(self._ids)}"
 
     def receive(self, hold_seconds: int, max_count: int = 1) -> list[RawToken]:
+        hold = _whole_seconds(hold_seconds, 1)
         visible = [m for m in self.messages.values() if m.visible_at <= self.clock.now]
         self.rng.shuffle(visible)
         taken = []
         for m in visible[:max_count]:
-            m.visible_at = self.clock.now + hold_seconds
+            m.visible_at = self.clock.now + hold
             m.pop = self._pop()
             taken.append(RawToken(m.id, m.pop, m.content))
         return taken
 
-    def update(self, token: RawToken, visible_in: int) -> None:
+    def update(self, token: RawToken, visible_in: int) -> str | None:
+        return self.update_content(token, token.content, visible_in)
+
+    def update_content(self, token: RawToken, content: str, visible_in: int) -> str | None:
+        seconds = _whole_seconds(visible_in, 0)
         m = self.messages.get(token.id)
         if m is None or m.pop != token.pop_receipt:
-            return  # 404 / PopReceiptMismatch: the gate tolerates both
-        m.visible_at = self.clock.now + visible_in
-        m.pop = self._pop()
+            return None  # 404 / PopReceiptMismatch
+        m.content, m.visible_at, m.pop = content, self.clock.now + seconds, self._pop()
+        return m.pop
 
     def delete(self, token: RawToken) -> None:
         m = self.messages.get(token.id)
@@ -96,12 +118,23 @@ class SimulatedQueue:
         self.metadata = dict(metadata)
 
     def send(self, content: str, visible_in: int) -> None:
+        seconds = _whole_seconds(visible_in, 0)
         mid = f"m{next(self._ids)}"
-        self.messages[mid] = _Message(mid, content, self.clock.now + visible_in, self._pop())
+        self.messages[mid] = _Message(mid, content, self.clock.now + seconds, self._pop())
+        if self.rng.random() < self.lost_put_rate:
+            raise ServiceResponseError("the connection closed before the answer to Put Message arrived")
+
+    def is_empty(self) -> bool:
+        return not self.messages
 
     def lose_one(self) -> None:
         if self.messages:
             del self.messages[self.rng.choice(sorted(self.messages))]
+
+    def valid_tokens(self) -> int:
+        """Tokens of the epoch the metadata names: the pool's real capacity."""
+        epoch = self.metadata.get("epoch")
+        return sum(f'"epoch": "{epoch}"' in m.content for m in self.messages.values())
 
 
 def max_in_window(arrivals: list[float], window: float) -> int:
@@ -333,8 +366,8 @@ class FakeRuntime:
 @contextmanager
 def no_storage():
     """Accepted work is serialised as the work queue would get it, and not booked anywhere."""
-    def place(items: list[WorkItem], rt: Any, **_: Any) -> list[str]:
-        return [item.model_dump_json(exclude_none=True) for item in items]
+    def place(items: list[WorkItem], rt: Any, **_: Any) -> Placement:
+        return Placement([item.model_dump_json(exclude_none=True) for item in items], items)
     with mock.patch.object(handlers, "place", place), \
             mock.patch.object(handlers, "_rule_lookup", lambda rt: None, create=True):
         yield
