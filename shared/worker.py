@@ -108,15 +108,16 @@ def _call(item: WorkItem, rt: Runtime, gate: RateGate, lease: Lease, token: str,
         _after_failure(item.model_copy(update={"attempts": item.attempts + 1}), rt, failure, clock)
         return
     gate.finish(lease, timing)
-    _report(item.model_copy(update={"attempts": item.attempts + 1}), rt, decode(answer))
+    _report(item.model_copy(update={"attempts": item.attempts + 1}), rt, decode(answer), clock)
 
 
-def _report(item: WorkItem, rt: Runtime, outcome: Outcome) -> None:
+def _report(item: WorkItem, rt: Runtime, outcome: Outcome, clock: Clock) -> None:
     """Emit the outcome, unless the subject was not in scope yet and is to be tried again later:
     then the work queue holds the call for OUT_OF_SCOPE_RETRY_MINUTES, nothing waits."""
     retry_in = decide_out_of_scope_retry(outcome, item, rt.settings)
     if retry_in is not None:
-        _defer(item.model_copy(update={"outOfScopeRetries": item.outOfScopeRetries + 1}), rt, retry_in, "OutOfScope")
+        _defer(item.model_copy(update={"outOfScopeRetries": item.outOfScopeRetries + 1}), rt, retry_in, "OutOfScope",
+               clock)
         return
     _emit(item, rt, outcome)
 

@@ -22,7 +22,7 @@ from shared.settings import Settings
 from shared.status.admission import ALREADY_QUEUED, JOINED, LEAD
 from shared.status.rows import CALLING, OPEN, QUEUED, group_key
 from shared.status.store import StatusStore
-from tests.conftest import IsolatedHost, module_host
+from tests.conftest import IsolatedHost, module_host, wait_until
 
 
 def user() -> str:
@@ -365,12 +365,14 @@ def test_equal_waiting_requests_share_one_graph_call_and_each_gets_the_result(st
 
 def test_high_priority_requests_overtake_the_backlog_without_starving_it(st):
     normal = st.accept([{"objectId": user(), "objectTypeName": "User"} for _ in range(40)])   # about 20 s of work
-    time.sleep(1.0)
+    wait_until(lambda: st.sims.graph.calls(), timeout=30)  # the normal backlog is being served
     posted = time.time()
     high = st.accept([{"objectId": user(), "objectTypeName": "User", "priority": "high"} for _ in range(2)])
     high_done = [datetime.fromisoformat(st.result(r, timeout=30)["completedAt"]).timestamp() for r in high]
     normal_done = [datetime.fromisoformat(st.result(r, timeout=90)["completedAt"]).timestamp() for r in normal]
-    assert max(high_done) - posted < 6                        # not behind 20 s of normal work
+    # Not behind the ~20 s of normal work: half of it (on an idle machine they finish in 2-4 s; a
+    # loaded CI machine has made it 7 s); the next line is the ordering that proves the overtaking.
+    assert max(high_done) - posted < 10
     assert sum(done > max(high_done) for done in normal_done) >= 20   # most of the backlog went after them
     assert st.sims.graph.max_in_window() <= 5                 # and the rate held throughout
     assert st.result(high[0])["priority"] == "high"

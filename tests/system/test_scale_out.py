@@ -25,7 +25,7 @@ from azure.storage.queue import QueueClient
 from scripts.local_stack import EXAMPLE_JOB, EXAMPLE_RULE, EXAMPLE_SP, start_devhost
 from shared.ratelimit.token_gate import QueueTokenStore, RateGate
 from simulators import start_simulators
-from tests.conftest import FAST, QueueCollector
+from tests.conftest import FAST, QueueCollector, wait_until
 
 FINAL_STATES = {"succeeded", "skipped", "failed", "dead-lettered"}
 
@@ -115,7 +115,7 @@ def cluster(azurite, tmp_path_factory):
 
 def test_i1_limit_holds_across_hosts_with_lost_tokens_and_racing_reseeds(cluster):
     ids = cluster.request_ids([{"objectId": user(i), "objectTypeName": "User"} for i in range(40)])
-    time.sleep(3)
+    wait_until(lambda: cluster.sims.graph.calls(), timeout=60)  # the backlog is being served
     lease_queue = QueueClient.from_connection_string(cluster.azurite.connection_string, cluster.queues["LEASE_QUEUE"])
     lost = lease_queue.receive_message(visibility_timeout=30)
     if lost is not None:
