@@ -221,20 +221,38 @@ def intake_message(raw: bytes | str, rt: Runtime, delivery: int = 1, message_id:
     return work
 
 
-def request_status(request_id: str, rt: Runtime) -> HttpReply:
-    """GET /api/provision/{requestId}: where the request stands, its ETA, and its results."""
+def _page_of(params: Mapping[str, str] | None) -> int:
+    text = str({k.lower(): v for k, v in (params or {}).items()}.get("page", "1")).strip()
+    if not text.isdigit() or int(text) < 1:
+        raise RequestRejected(400, "InvalidPage", "page must be a whole number from 1",
+                              [{"field": "page", "message": f"got {text[:40]!r}"}])
+    return int(text)
+
+
+def request_status(request_id: str, rt: Runtime, params: Mapping[str, str] | None = None) -> HttpReply:
+    """GET /api/provision/{requestId}[?page=n]: where the request stands, its ETA, and the results
+    of the calls on that page."""
     if not GUID_RE.match(request_id or ""):
         return error_reply(RequestRejected(400, "InvalidRequestId",
                                             "requestId must be the GUID from the 202 answer of POST /api/provision"))
     s = rt.settings
     try:
-        status = rt.status.read(request_id.lower(), s.slot_spacing, s.graph_timeout_seconds)
+        page = _page_of(params)
+        status = rt.status.read(request_id.lower(), s.slot_spacing, s.graph_timeout_seconds, page)
+    except RequestRejected as rejected:
+        return error_reply(rejected)
     except StatusStoreUnavailable:
         return error_reply(_status_unavailable())
     if status is None:
         return error_reply(RequestRejected(404, "RequestNotFound", f"no request {request_id} is known here"))
+    if page > status.pageCount:
+        return error_reply(RequestRejected(400, "InvalidPage", f"request {request_id} has {status.pageCount} "
+                                           f"page(s) of calls", [{"field": "page", "message": f"at most "
+                                                                  f"{status.pageCount}"}]))
     if rt.settings.callback_hosts:
-        status = status.model_copy(update={"callbacks": rt.callbacks.states(request_id.lower()) or None})
+        shown = {f"{status.requestId}:{call.callIndex}" for call in status.calls}
+        states = [state for state in rt.callbacks.states(status.requestId) if state.resultId in shown]
+        status = status.model_copy(update={"callbacks": states or None})
     return HttpReply(200, status.model_dump(mode="json", exclude_none=True))
 
 

@@ -527,7 +527,11 @@ class RequestStatus(BaseModel):
     callCount: int
     eta: datetime | None = None  # when its last waiting call is due
     etaSeconds: float | None = None
-    calls: list[CallStatus]
+    calls: list[CallStatus]  # the calls on this page, in callIndex order
+    # Paged above 100 calls: `state` and `eta` then describe the calls on this page only.
+    page: int = 1
+    pageCount: int = 1
+    nextPage: int | None = None
     callbacks: list[CallbackState] | None = None  # where each result's callback stands, when one was asked for
 
     def summarised(self, now: float) -> "RequestStatus":

@@ -73,9 +73,9 @@ class StatusStore:
     def finish(self, item: WorkItem, results: list[ResultMessage]) -> None:
         self.progress.finish(item, results)
 
-    def read(self, request_id: str, spacing: float, call_timeout: float) -> RequestStatus | None:
+    def read(self, request_id: str, spacing: float, call_timeout: float, page: int = 1) -> RequestStatus | None:
         try:
             self._ready()
         except AzureError as exc:
             raise StatusStoreUnavailable(str(exc)) from None
-        return self.reader.read(request_id, spacing, call_timeout)
+        return self.reader.read(request_id, spacing, call_timeout, page)
