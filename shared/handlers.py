@@ -4,6 +4,9 @@ from __future__ import annotations
 import logging
 from typing import Mapping
 
+from azure.core.exceptions import AzureError
+from pydantic import ValidationError
+
 from shared.deadletters import dead_letter_for
 from shared.errors import (
     BacklogTooLong,
@@ -11,8 +14,9 @@ from shared.errors import (
     RedeliverLater,
     RequestRejected,
     StatusStoreUnavailable,
+    validation_details,
 )
-from shared.intake import cloudevents
+from shared.intake import backlog, cloudevents, envelope
 from shared.intake import dry_run as dryrun
 from shared.intake.idempotency import SHARED_SCOPE, Answer, body_hash, idempotency_key
 from shared.intake.names import NameResolver
@@ -39,9 +43,11 @@ log = logging.getLogger(__name__)
 REPLAYED_HEADER = "Idempotent-Replayed"
 
 
-def _enqueue(accepted: list[AcceptedRequest], rt: Runtime, redelivered_on_failure: bool = False) -> list[str]:
+def _enqueue(accepted: list[AcceptedRequest], rt: Runtime, redelivered_on_failure: bool = False,
+             bounded: bool = True) -> list[str]:
     """Record every call's status, let equal queued calls be joined, and book slots for the rest; refuse
-    the lot when the wait would exceed MAX_EXPECTED_WAIT_HOURS. Raises StatusStoreUnavailable when the
+    the lot when the wait would exceed MAX_EXPECTED_WAIT_HOURS (unless not `bounded`: requests the
+    HTTP door already accepted are booked however far out). Raises StatusStoreUnavailable when the
     status table cannot be written: the queue door retries, the HTTP door answers 503. What a failed
     admit() left behind strands nobody (shared/status/admission.py): it is not withdrawn. Once the
     calls are queued, a request row that cannot be written fails the run only where a redelivery
@@ -49,7 +55,7 @@ def _enqueue(accepted: list[AcceptedRequest], rt: Runtime, redelivered_on_failur
     admitted = rt.status.admit([item for request in accepted for item in request.items])
     leaders = [a.item for a in admitted if a.role == LEAD]
     try:
-        work = place(leaders, rt, max_wait=rt.settings.max_expected_wait_hours * 3600)
+        work = place(leaders, rt, max_wait=rt.settings.max_expected_wait_hours * 3600 if bounded else None)
     except Exception as exc:
         rt.status.forget(admitted)
         if not isinstance(exc, BacklogTooLong):
@@ -100,10 +106,39 @@ def _name_lookup(rt: Runtime) -> NameResolver:
 
 def _accept(text: str, rt: Runtime, message_id: str | None = None) -> list[AcceptedRequest]:
     accepted = accept(text, rt.settings, rules=_rule_lookup(rt), names=_name_lookup(rt), message_id=message_id)
+    return _callbacks_checked(accepted, rt)
+
+
+def _callbacks_checked(accepted: list[AcceptedRequest], rt: Runtime) -> list[AcceptedRequest]:
     bulk = len(accepted) > 1
     callbacks.check_requests(((f"[{i}].callbackUrl" if bulk else "callbackUrl", a.items[0].callbackUrl)
                               for i, a in enumerate(accepted) if a.items and a.items[0].callbackUrl), rt.settings)
     return accepted
+
+
+def _opened(text: str, rt: Runtime) -> list[AcceptedRequest]:
+    """An envelope's requests; anyone who can write the intake queue could forge one, so its
+    callbacks are checked again."""
+    try:
+        return _callbacks_checked(envelope.opened(text), rt)
+    except ValidationError as exc:
+        raise RequestRejected(400, "InvalidEnvelope", "the message looks like an envelope of accepted requests "
+                              "but is not one", validation_details(exc)) from None
+
+
+def _queue_for_intake(accepted: list[AcceptedRequest], post_id: str, texts: list[str], rt: Runtime) -> None:
+    """Fast intake: refuse on the peeked backlog, mark the post received, queue its envelopes."""
+    try:
+        backlog.check([item for request in accepted for item in request.items], rt)
+    except BacklogTooLong as exc:
+        raise _backlog_too_long(exc, rt) from None
+    rt.status.mark_received(post_id, [(len(a.items), a.priority) for a in accepted])
+    try:
+        envelope.send_all(texts, lambda text: rt.queues.send_text(rt.settings.intake_queue, text))
+    except AzureError as exc:
+        log.warning("intake envelope not queued: %s", type(exc).__name__)
+        raise RequestRejected(503, "IntakeQueueUnavailable", "the intake queue cannot be reached right now; "
+                              "nothing was accepted, try again shortly", headers={"Retry-After": "5"}) from None
 
 
 def _accept_http(text: str, headers: Mapping[str, str], rt: Runtime) -> list[AcceptedRequest]:
@@ -132,7 +167,14 @@ def _provision(text: str, headers: Mapping[str, str], rt: Runtime, params: Mappi
     if dryrun.wanted(params):
         # -WhatIf: nothing booked, no capacity taken, nothing sent to Graph.
         return HttpReply(200, dryrun.describe(accepted, rt.settings))
-    work = _enqueue(accepted, rt)
+    post_id = envelope.new_post_id()
+    accepted = envelope.named(accepted, post_id)
+    texts = envelope.envelopes(accepted, post_id)
+    work: list[str] = []
+    if texts is None:  # one request too large for a queue message: admitted here, as before fast intake
+        work = _enqueue(accepted, rt)
+    else:
+        _queue_for_intake(accepted, post_id, texts, rt)
     log.info("accepted %d request(s), %d call(s) over HTTP", len(accepted), sum(len(a.items) for a in accepted))
     return HttpReply(202, {"accepted": len(accepted), "requests": [a.summary() for a in accepted]}, work=work)
 
@@ -206,8 +248,10 @@ def intake_message(raw: bytes | str, rt: Runtime, delivery: int = 1, message_id:
     come from `message_id`: every delivery of the message names the same requests."""
     original = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
     try:
-        accepted = _accept(decode_queue_text(raw), rt, message_id=message_id)
-        work = _enqueue(accepted, rt, redelivered_on_failure=True)
+        text = decode_queue_text(raw)
+        fast = envelope.is_envelope(text)
+        accepted = _opened(text, rt) if fast else _accept(text, rt, message_id=message_id)
+        work = _enqueue(accepted, rt, redelivered_on_failure=True, bounded=not fast)
     except RequestRejected as rejected:
         if rejected.info.code in TRANSIENT_INTAKE_CODES and delivery < INTAKE_DELIVERIES:
             log.warning("intake message deferred (%s), delivery %d of %d", rejected.info.code, delivery,
@@ -239,6 +283,8 @@ def request_status(request_id: str, rt: Runtime, params: Mapping[str, str] | Non
     try:
         page = _page_of(params)
         status = rt.status.read(request_id.lower(), s.slot_spacing, s.graph_timeout_seconds, page)
+        post = envelope.post_of(request_id) if status is None else None
+        status = rt.status.received(request_id.lower(), *post) if post else status
     except RequestRejected as rejected:
         return error_reply(rejected)
     except StatusStoreUnavailable:
