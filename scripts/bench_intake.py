@@ -7,7 +7,9 @@ each after the previous one:
   2. intake:  C concurrent clients POST one compact event each (a new user every time) for S seconds;
   3. bulk:    one POST of 1000 compact events;
   4. steps:   50 single posts and one bulk post in process against the same Azurite, timing each
-              intake step (accept = validate, admit = status rows, place = book and send, record_requests).
+              intake step (accept = validate, check = peeked backlog, mark_received = the post's received
+              row, send_all = the envelopes; admit, place and record_requests only where the HTTP door
+              still admits a post itself).
 Prints requests per second and latency percentiles for 1 and 2, their ratio, the bulk answer time
 and where one post's time goes.
 
@@ -84,6 +86,7 @@ def breakdown(env: dict[str, str], posts: int, bulk: int) -> dict[str, dict[str,
     step over `posts` sequential single-event posts (no concurrency, so no contention), and each
     step of one `bulk`-event post."""
     from shared import handlers
+    from shared.intake import backlog, envelope
     from shared.runtime import build_runtime
     from shared.settings import Settings
 
@@ -93,6 +96,10 @@ def breakdown(env: dict[str, str], posts: int, bulk: int) -> dict[str, dict[str,
     timed(rt.status, "record_requests", spent)
     timed(handlers, "place", spent)
     timed(handlers, "accept", spent)
+    # Fast intake's steps: the peeked backlog, the post's received row, the envelopes' sends.
+    timed(backlog, "check", spent)
+    timed(rt.status, "mark_received", spent)
+    timed(envelope, "send_all", spent)
     bodies = [json.dumps(event()).encode() for _ in range(posts)] + [json.dumps([event() for _ in range(bulk)]).encode()]
     for body in bodies:
         began = time.monotonic()

@@ -28,7 +28,7 @@ from shared.intake.validation import (
     check_http_request,
     decode_queue_text,
 )
-from shared.models import GUID_RE, WorkItem
+from shared.models import GUID_RE, RequestStatus, WorkItem
 from shared.operations import poison_sweep as poison
 from shared.operations.readiness import return_parked
 from shared.ratelimit.placement import place
@@ -273,28 +273,34 @@ def _page_of(params: Mapping[str, str] | None) -> int:
     return int(text)
 
 
+def _read_status(request_id: str, rt: Runtime, params: Mapping[str, str] | None) -> RequestStatus:
+    """The request's status: admitted, or received by fast intake and not yet admitted. Raises
+    RequestRejected (no such page, no such request) and StatusStoreUnavailable."""
+    s = rt.settings
+    page = _page_of(params)
+    status = rt.status.read(request_id, s.slot_spacing, s.graph_timeout_seconds, page)
+    post = envelope.post_of(request_id) if status is None else None
+    status = rt.status.received(request_id, *post) if post else status
+    if status is None:
+        raise RequestRejected(404, "RequestNotFound", f"no request {request_id} is known here")
+    if page > status.pageCount:
+        raise RequestRejected(400, "InvalidPage", f"request {request_id} has {status.pageCount} page(s) of calls",
+                              [{"field": "page", "message": f"at most {status.pageCount}"}])
+    return status
+
+
 def request_status(request_id: str, rt: Runtime, params: Mapping[str, str] | None = None) -> HttpReply:
     """GET /api/provision/{requestId}[?page=n]: where the request stands, its ETA, and the results
     of the calls on that page."""
     if not GUID_RE.match(request_id or ""):
         return error_reply(RequestRejected(400, "InvalidRequestId",
                                             "requestId must be the GUID from the 202 answer of POST /api/provision"))
-    s = rt.settings
     try:
-        page = _page_of(params)
-        status = rt.status.read(request_id.lower(), s.slot_spacing, s.graph_timeout_seconds, page)
-        post = envelope.post_of(request_id) if status is None else None
-        status = rt.status.received(request_id.lower(), *post) if post else status
+        status = _read_status(request_id.lower(), rt, params)
     except RequestRejected as rejected:
         return error_reply(rejected)
     except StatusStoreUnavailable:
         return error_reply(_status_unavailable())
-    if status is None:
-        return error_reply(RequestRejected(404, "RequestNotFound", f"no request {request_id} is known here"))
-    if page > status.pageCount:
-        return error_reply(RequestRejected(400, "InvalidPage", f"request {request_id} has {status.pageCount} "
-                                           f"page(s) of calls", [{"field": "page", "message": f"at most "
-                                                                  f"{status.pageCount}"}]))
     if rt.settings.callback_hosts:
         shown = {f"{status.requestId}:{call.callIndex}" for call in status.calls}
         states = [state for state in rt.callbacks.states(status.requestId) if state.resultId in shown]

@@ -7,31 +7,13 @@ from __future__ import annotations
 import json
 import uuid
 
-import pytest
-
-from scripts.local_stack import EXAMPLE_JOB, EXAMPLE_RULE, EXAMPLE_SP
 from shared import handlers
 from shared.intake import envelope
-from shared.runtime import build_runtime
-from shared.settings import Settings
+from tests.integration.test_idempotency import rt  # noqa: F401  (the runtime on Azurite, own queues and tables)
 
 
 def user() -> str:
     return str(uuid.uuid4())
-
-
-@pytest.fixture
-def rt(azurite):
-    suffix = uuid.uuid4().hex[:10]
-    settings = Settings(AzureWebJobsStorage=azurite.connection_string, DEFAULT_SERVICE_PRINCIPAL_ID=EXAMPLE_SP,
-                        DEFAULT_JOB_ID=EXAMPLE_JOB, DEFAULT_RULE_ID=EXAMPLE_RULE, WORK_QUEUE=f"fast-work-{suffix}",
-                        INTAKE_QUEUE=f"fast-intake-{suffix}", LEASE_QUEUE=f"fast-lease-{suffix}",
-                        DEADLETTER_QUEUE=f"fast-dead-{suffix}", STATUS_TABLE=f"faststatus{suffix}",
-                        IDEMPOTENCY_TABLE=f"fastkeys{suffix}", MAX_EXPECTED_WAIT_HOURS="0.01")
-    runtime = build_runtime(settings)
-    yield runtime
-    for table in (runtime.status.table, runtime.answers.table):
-        table.delete_table()
 
 
 def post(rt, body, key: str | None = None):
@@ -94,6 +76,7 @@ def test_a_redelivered_envelope_is_the_same_requests(rt):
 
 
 def test_backpressure_refuses_on_the_peeked_timeline_without_booking(rt):
+    rt.settings = rt.settings.model_copy(update={"max_expected_wait_hours": 0.01})
     rt.schedule_for().book(30)  # 30 slots of 2 s: past MAX_EXPECTED_WAIT_HOURS (36 s)
     timeline = rt.queues.get(rt.schedule_queue()).peek_messages()[0].content
     reply = post(rt, {"objectId": user(), "objectTypeName": "User"})
