@@ -126,8 +126,19 @@ def _opened(text: str, rt: Runtime) -> list[AcceptedRequest]:
                               "but is not one", validation_details(exc)) from None
 
 
+def _fast_intake(accepted: list[AcceptedRequest], rt: Runtime) -> list[AcceptedRequest] | None:
+    """The requests under their post's ids, queued for the queue door; None when one request is too
+    large for a queue message (the door then admits the post itself)."""
+    post_id = envelope.new_post_id()
+    named = envelope.named(accepted, post_id)
+    texts = envelope.envelopes(named, post_id)
+    if texts is not None:
+        _queue_for_intake(named, post_id, texts, rt)
+    return named if texts is not None else None
+
+
 def _queue_for_intake(accepted: list[AcceptedRequest], post_id: str, texts: list[str], rt: Runtime) -> None:
-    """Fast intake: refuse on the peeked backlog, mark the post received, queue its envelopes."""
+    """Refuse on the peeked backlog, mark the post received, queue its envelopes."""
     try:
         backlog.check([item for request in accepted for item in request.items], rt)
     except BacklogTooLong as exc:
@@ -167,14 +178,9 @@ def _provision(text: str, headers: Mapping[str, str], rt: Runtime, params: Mappi
     if dryrun.wanted(params):
         # -WhatIf: nothing booked, no capacity taken, nothing sent to Graph.
         return HttpReply(200, dryrun.describe(accepted, rt.settings))
-    post_id = envelope.new_post_id()
-    accepted = envelope.named(accepted, post_id)
-    texts = envelope.envelopes(accepted, post_id)
-    work: list[str] = []
-    if texts is None:  # one request too large for a queue message: admitted here, as before fast intake
-        work = _enqueue(accepted, rt)
-    else:
-        _queue_for_intake(accepted, post_id, texts, rt)
+    queued = _fast_intake(accepted, rt) if rt.settings.fast_intake else None
+    work = [] if queued else _enqueue(accepted, rt)
+    accepted = queued or accepted
     log.info("accepted %d request(s), %d call(s) over HTTP", len(accepted), sum(len(a.items) for a in accepted))
     return HttpReply(202, {"accepted": len(accepted), "requests": [a.summary() for a in accepted]}, work=work)
 

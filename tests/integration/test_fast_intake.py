@@ -7,9 +7,17 @@ from __future__ import annotations
 import json
 import uuid
 
+import pytest
+
 from shared import handlers
 from shared.intake import envelope
-from tests.integration.test_idempotency import rt  # noqa: F401  (the runtime on Azurite, own queues and tables)
+from tests.integration.test_idempotency import rt as idem_rt  # noqa: F401  (on Azurite, own queues and tables)
+
+
+@pytest.fixture
+def rt(idem_rt):
+    idem_rt.settings = idem_rt.settings.model_copy(update={"fast_intake": True})
+    return idem_rt
 
 
 def user() -> str:

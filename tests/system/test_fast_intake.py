@@ -26,6 +26,7 @@ def events(count: int, tag: str) -> list[dict]:
 def fast(azurite, tmp_path):
     # 5 calls per 2 s: a slot every 0.4 s; 0.002 h = 7.2 s of backlog at most (18 slots).
     host = IsolatedHost(azurite, tmp_path, "fast", DEFAULT_RULE_ID=EXAMPLE_RULE, MAX_EXPECTED_WAIT_HOURS="0.002",
+                        FAST_INTAKE="true",
                         STATUS_TABLE=f"fast{uuid.uuid4().hex[:10]}")
     host.log_dir = tmp_path
     yield host
