@@ -15,9 +15,10 @@ from tests.integration.test_idempotency import rt as idem_rt  # noqa: F401  (on 
 
 
 @pytest.fixture
-def rt(idem_rt):
-    idem_rt.settings = idem_rt.settings.model_copy(update={"fast_intake": True})
-    return idem_rt
+def rt(request):
+    runtime = request.getfixturevalue("idem_rt")
+    runtime.settings = runtime.settings.model_copy(update={"fast_intake": True})
+    return runtime
 
 
 def user() -> str:
