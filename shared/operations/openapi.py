@@ -266,7 +266,8 @@ def _static_spec(signature_header: str, timestamp_header: str) -> dict[str, Any]
             "/api/provision/{requestId}": {"get": {
                 "operationId": "RequestStatus",
                 "summary": "Where a request stands",
-                "description": "State (queued, waiting, calling, succeeded, skipped, failed, dead-lettered), "
+                "description": "State (received, queued, waiting, calling, succeeded, skipped, failed, "
+                               "dead-lettered; received: accepted with FAST_INTAKE, not yet admitted), "
                                "attempts, the ETA while it waits, and each call's result once it has one. "
                                "Calls come 100 to a page (`page`, `pageCount`, `nextPage`); above 100 calls, "
                                "`state` and `eta` describe the calls on the page read.",
