@@ -43,15 +43,20 @@ def queued_request(store: StatusStore, calls: int, clock: Clock) -> str:
     return request_id
 
 
-@pytest.fixture
-def world():
+@pytest.fixture(scope="module")
+def admitted():
+    """One 1000-call request, admitted once for the module: every test only reads it."""
     clock = Clock()
     clock.now = 1_000_000.0
     table = CountingTable()
     store = StatusStore(table, coalesce=True, max_join_age=3600, clock=clock)
-    rt = SimpleNamespace(settings=Settings(AzureWebJobsStorage="UseDevelopmentStorage=true"), status=store)
-    return SimpleNamespace(clock=clock, table=table, store=store, rt=rt,
-                           request_id=queued_request(store, CALLS, clock))
+    return SimpleNamespace(clock=clock, table=table, store=store, request_id=queued_request(store, CALLS, clock))
+
+
+@pytest.fixture
+def world(admitted):
+    rt = SimpleNamespace(settings=Settings(AzureWebJobsStorage="UseDevelopmentStorage=true"), status=admitted.store)
+    return SimpleNamespace(**vars(admitted), rt=rt)
 
 
 def get(world, params: dict | None = None, request_id: str | None = None):
