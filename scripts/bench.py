@@ -25,6 +25,7 @@ from simulators import start_simulators
 from tests.conftest import QueueCollector
 
 EXECUTING = re.compile(r"Executing 'Functions\.(\w+)'")
+EXECUTED = re.compile(r"Executed 'Functions\.(\w+)' \(\w+, Id=[^,]*, Duration=(\d+)ms\)")
 
 
 def mixed_events(n: int, rng: random.Random) -> list[dict]:
@@ -53,6 +54,15 @@ def executions(logs: list[Path]) -> dict[str, int]:
         for match in EXECUTING.finditer(path.read_text(errors="replace")):
             counts[match.group(1)] = counts.get(match.group(1), 0) + 1
     return counts
+
+
+def billed_seconds(logs: list[Path]) -> dict[str, float]:
+    """Execution time per function, as the host logs it: what a consumption plan bills."""
+    seconds: dict[str, float] = {}
+    for path in logs:
+        for match in EXECUTED.finditer(path.read_text(errors="replace")):
+            seconds[match.group(1)] = seconds.get(match.group(1), 0.0) + int(match.group(2)) / 1000
+    return seconds
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -122,6 +132,7 @@ def main() -> None:
         time.sleep(args.window + 1)
         sims.graph.reset_calls()
         before_tx, before_exec = proxy.snapshot(), executions([h.log_path for h in hosts])
+        before_billed = billed_seconds([h.log_path for h in hosts])
         before_table = table_proxy.snapshot()
         events = mixed_events(args.requests, rng)
         started = time.monotonic()
@@ -143,6 +154,8 @@ def main() -> None:
         table_tx = table_proxy.snapshot() - before_table
         after_exec = executions([h.log_path for h in hosts])
         execs = {k: after_exec.get(k, 0) - before_exec.get(k, 0) for k in after_exec}
+        after_billed = billed_seconds([h.log_path for h in hosts])
+        billed = {k: round(after_billed[k] - before_billed.get(k, 0.0), 1) for k in after_billed}
         n = len(finished)
         rate = args.calls / args.window
         figures = {
@@ -158,6 +171,9 @@ def main() -> None:
             if len(arrivals) > 1 else None,
             "executions_per_subject": round(sum(execs.values()) / max(1, n), 2),
             "executions": execs,
+            "billed_seconds_per_subject": round(sum(billed.values()) / max(1, n), 2),
+            "worker_billed_seconds_per_subject": round(billed.get("provision_worker", 0.0) / max(1, n), 2),
+            "billed_seconds": billed,
             "storage_tx_per_subject": round((sum(tx.values()) + sum(table_tx.values())) / max(1, n), 2),
             "queue_tx_per_subject": round(sum(tx.values()) / max(1, n), 2),
             "status_table_tx_per_subject": round(sum(table_tx.values()) / max(1, n), 2),

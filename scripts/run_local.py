@@ -36,7 +36,7 @@ def wait_for_rate_lease(host_url: str, connection: str, queue: str = "provision-
         except ResourceNotFoundError:
             pass
         if not told:
-            print("Waiting for the rate lease's first tokens (about 40 s on a first start)...", flush=True)
+            print("Waiting for the rate lease's first tokens (about 13 s on a first start)...", flush=True)
             told = True
         time.sleep(1)
 

@@ -1,5 +1,6 @@
 """A recording reverse proxy in front of an Azurite service (queue or table): counts every
-storage transaction (REST request) the app makes, by operation and queue or table, for the benchmark."""
+storage transaction (REST request) the app makes, by operation and queue or table, for the benchmark.
+It can also hold back answers (`delay_seconds`), to make storage slow for one host in a test."""
 from __future__ import annotations
 
 import collections
@@ -50,6 +51,9 @@ class StorageProxy:
         self.target = (target_host, target_port)
         self.classify = classify
         self.counts: collections.Counter[tuple[str, str]] = collections.Counter()
+        self.delay_seconds = 0.0  # how long each answer is held back before it is passed on
+        self._released = threading.Event()  # set() lets every held answer go at once
+        self._drops: list = []  # predicates of requests whose answer is lost once (see lose_answer)
         self._lock = threading.Lock()
         self._local = threading.local()
         proxy = self
@@ -67,6 +71,11 @@ class StorageProxy:
                 proxy.record(self.command, split.path, split.query)
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP}
                 status, reason, response_headers, data = proxy.send(self.command, self.path, body, headers)
+                if proxy.answer_lost(self.command, split.path):
+                    self.close_connection = True  # done at the service, but the caller never hears
+                    return
+                if proxy.delay_seconds > 0:
+                    proxy._released.wait(proxy.delay_seconds)
                 self.send_response(status, reason)
                 for key, value in response_headers:
                     if key.lower() not in HOP_BY_HOP and key.lower() != "content-length":
@@ -110,6 +119,33 @@ class StorageProxy:
                 if attempt:
                     raise
         raise RuntimeError("unreachable")
+
+    def slow_down(self, seconds: float) -> None:
+        """Hold back every answer for `seconds` (the operation is done; only its answer waits)."""
+        self._released.clear()
+        self.delay_seconds = seconds
+
+    def lose_answer(self, method: str, path_suffix: str, nth: int = 1) -> None:
+        """Lose the answer to the nth next `method` request whose path ends with `path_suffix`."""
+        seen = iter(range(1, nth + 1))
+
+        def matches(m: str, path: str) -> bool:
+            return m == method and path.endswith(path_suffix) and next(seen, None) == nth
+
+        with self._lock:
+            self._drops.append(matches)
+
+    def answer_lost(self, method: str, path: str) -> bool:
+        with self._lock:
+            for drop in self._drops:
+                if drop(method, path):
+                    self._drops.remove(drop)
+                    return True
+        return False
+
+    def speed_up(self) -> None:
+        self.delay_seconds = 0.0
+        self._released.set()
 
     def snapshot(self) -> collections.Counter:
         with self._lock:

@@ -8,6 +8,7 @@
     ├── KeyStoreUnavailable           the table of idempotency keys and seen signatures could not be reached
     ├── SettingsError                 configuration missing or invalid (also a RuntimeError); `.settings` names them
     ├── UploadFailed                  the Logs Ingestion API refused or could not be reached
+    ├── SendDeadlinePassed            a rate-lease token's deadline passed before its request was written: nothing sent
     └── GraphFailure                  a provisionOnDemand (or job/schema) call did not succeed
         ├── GraphThrottled            429: the whole pool holds back for Retry-After
         ├── GraphTransient            408, 5xx, timeouts, resets, unreadable answers: try again later
@@ -72,6 +73,16 @@ class SettingsError(ProvisioningError, RuntimeError):
     def __init__(self, message: str, settings: list[str] | None = None):
         super().__init__(message)
         self.settings = settings or []
+
+
+class SendDeadlinePassed(ProvisioningError):
+    """The request was stopped right before its headers were written because its lease token may
+    already be back in the pool (the caller stalled longer than the token's hold). Nothing reached
+    Graph; the call goes back on the queue without counting as an attempt."""
+
+    def __init__(self, late_by: float):
+        super().__init__(f"lease token deadline passed {late_by:.3f} s before the request could be written")
+        self.late_by = late_by
 
 
 @dataclass

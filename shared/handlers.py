@@ -55,17 +55,18 @@ def _enqueue(accepted: list[AcceptedRequest], rt: Runtime, redelivered_on_failur
     admitted = rt.status.admit([item for request in accepted for item in request.items])
     leaders = [a.item for a in admitted if a.role == LEAD]
     try:
-        work = place(leaders, rt, max_wait=rt.settings.max_expected_wait_hours * 3600 if bounded else None)
+        placed = place(leaders, rt, max_wait=rt.settings.max_expected_wait_hours * 3600 if bounded else None)
     except Exception as exc:
         rt.status.forget(admitted)
         if not isinstance(exc, BacklogTooLong):
             raise
         raise _backlog_too_long(exc, rt) from None
     # Only work sent by the SDK is known to be on the queue; the output binding writes after we return.
-    due = {WorkItem.model_validate_json(text).call_id for text in work}
-    rt.status.mark_queued([item for item in leaders if item.call_id not in due])
-    _record_requests(accepted, [a.item for a in admitted], rt, redelivered_on_failure)
-    return work
+    due = {WorkItem.model_validate_json(text).call_id for text in placed.due_now}
+    rt.status.mark_queued([item for item in placed.booked if item.call_id not in due])
+    booked = {item.call_id: item for item in placed.booked}
+    _record_requests(accepted, [booked.get(a.item.call_id, a.item) for a in admitted], rt, redelivered_on_failure)
+    return placed.due_now
 
 
 def _backlog_too_long(exc: BacklogTooLong, rt: Runtime) -> RequestRejected:

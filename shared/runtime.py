@@ -4,7 +4,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Callable, TypeVar
+from typing import Callable, Protocol, TypeVar
 
 import httpx
 
@@ -16,16 +16,35 @@ from shared.queues import Queues, service_client
 from shared.ratelimit.slot_timeline import Schedule
 from shared.ratelimit.token_gate import QueueTokenStore, RateGate, pool_queue_name
 from shared.results.callbacks import CallbackLedger, http_client
-from shared.results.log_analytics import result_sinks
-from shared.results.sinks import ResultSink
+from shared.results.sinks import ResultSink, result_sinks
 from shared.settings import Settings, get_settings
 from shared.status.store import StatusStore
 
 T = TypeVar("T")
 
 
+class Runtime(Protocol):
+    """What the functions need from the composition root. The app builds an AppRuntime; tests
+    build their own in process (tests/fakes.py) with in-memory stores and a simulated clock."""
+
+    settings: Settings
+    queues: Queues
+    graph: GraphClient
+    sinks: list[ResultSink]
+    status: StatusStore
+    callbacks: CallbackLedger
+    callback_http: httpx.Client
+    answers: AnswerBook
+    timeline_peeks: dict[str, tuple[float, list[str]]]  # FAST_INTAKE's per-process read of each timeline
+
+    def pool_name(self, item: WorkItem | None = None) -> str: ...
+    def schedule_queue(self, item: WorkItem | None = None) -> str: ...
+    def gate_for(self, item: WorkItem | None = None) -> RateGate: ...
+    def schedule_for(self, item: WorkItem | None = None) -> Schedule: ...
+
+
 @dataclass
-class Runtime:
+class AppRuntime:
     settings: Settings
     queues: Queues
     graph: GraphClient
@@ -67,12 +86,12 @@ class Runtime:
             return cache[queue_name]
 
 
-def build_runtime(settings: Settings) -> Runtime:
+def build_runtime(settings: Settings) -> AppRuntime:
     queues = Queues(service_client(settings))
     graph = GraphClient(settings, app_credential(settings.azure_client_id))
-    return Runtime(settings=settings, queues=queues, graph=graph, sinks=result_sinks(settings, queues),
-                   status=StatusStore.connect(settings), callbacks=CallbackLedger.connect(settings),
-                   callback_http=http_client(settings), answers=AnswerBook.connect(settings))
+    return AppRuntime(settings=settings, queues=queues, graph=graph, sinks=result_sinks(settings, queues),
+                      status=StatusStore.connect(settings), callbacks=CallbackLedger.connect(settings),
+                      callback_http=http_client(settings), answers=AnswerBook.connect(settings))
 
 
 @lru_cache(maxsize=1)

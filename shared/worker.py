@@ -1,10 +1,16 @@
 """The work-queue consumer: one Graph call per work item, within the shared rate lease.
 
 Nothing here waits out a limit: when there is no capacity, Graph throttles, or a dependency is
-down, the item is booked a later slot and goes back on the work queue hidden until then. The
-one wait is short and bounded (MAX_SLOT_WAIT_SECONDS): an item surfaces SCHEDULE_LEAD_SECONDS
-before its slot, because queue visibility has whole-second steps and polling adds its own delay,
-and sleeps the remainder so the call goes out on the slot.
+down, the item goes back on the work queue hidden until it may go again. The one wait is short
+and bounded (MAX_SLOT_WAIT_SECONDS): an item surfaces SCHEDULE_LEAD_SECONDS before its slot,
+because queue visibility has whole-second steps and polling adds its own delay, and sleeps the
+remainder so the call goes out on the slot.
+
+Between taking a lease token and sending there is no storage round trip: the status row is
+written first, and the request itself checks the token's deadline right before it is written
+(shared/graph/client.py SendTiming), so a stall anywhere never spends a token that may be back.
+A retry's wait is spent unbooked on the queue and books its slot when it surfaces, so one
+failing call never moves the shared timeline for the others.
 """
 from __future__ import annotations
 
@@ -15,14 +21,14 @@ from typing import Callable
 from pydantic import ValidationError
 
 from shared.deadletters import dead_letter_for
-from shared.errors import GraphFailure, StatusStoreUnavailable, validation_details
+from shared.errors import GraphFailure, SendDeadlinePassed, StatusStoreUnavailable, validation_details
 from shared.graph import job_guard as jobguard
 from shared.graph.client import SendTiming
 from shared.graph.decoding import decode, failure_outcome
 from shared.graph.out_of_scope import decide_out_of_scope_retry
 from shared.graph.retry_policy import backoff_seconds
 from shared.models import ErrorInfo, Outcome, ResultMessage, WorkItem, utcnow
-from shared.ratelimit.placement import hold_until_slot, place_now
+from shared.ratelimit.placement import hold_unbooked, hold_until_slot, place, place_now
 from shared.ratelimit.token_gate import Lease, RateGate
 from shared.results import callbacks
 from shared.results.redaction import redact
@@ -33,6 +39,10 @@ log = logging.getLogger(__name__)
 ERROR_RESULT = "Error"  # our own result value: no provisioning outcome, see the dead-letter queue
 TOKEN_RETRY_SECONDS = 0.25
 TOKEN_PATIENCE_SECONDS = 1.0  # how long an item on its slot keeps asking for the slot's token
+STATUS_LEAD_SECONDS = 0.25  # the `calling` stamp is written this long before the slot, off the slot's path
+
+Clock = Callable[[], float]
+Sleep = Callable[[float], None]
 
 
 def handle_work_message(text: str, rt: Runtime) -> None:
@@ -46,44 +56,56 @@ def handle_work_message(text: str, rt: Runtime) -> None:
     process(item, rt)
 
 
-def process(item: WorkItem, rt: Runtime, sleep: Callable[[float], None] = time.sleep) -> None:
+def process(item: WorkItem, rt: Runtime, clock: Clock = time.time, sleep: Sleep = time.sleep) -> None:
     s = rt.settings
-    if item.notBefore is not None and item.notBefore - time.time() > s.max_slot_wait_seconds:
-        hold_until_slot(item, rt)
+    if item.notBefore is None:
+        # Back from a retry's wait (or requeued by an operator): it takes its slot now.
+        placed = place([item], rt, clock=clock)
+        if not placed.due_now:
+            return
+        item = placed.booked[0]
+    if item.notBefore - clock() > s.max_slot_wait_seconds:
+        hold_until_slot(item, rt, clock)
         return
+    # Until just before the slot, equal requests may still join this call's coalescing group.
+    sleep(max(0.0, min(s.max_slot_wait_seconds, item.notBefore - STATUS_LEAD_SECONDS - clock())))
     try:
         # Before the lease: a slow identity endpoint must never hold capacity.
         token = rt.graph.token()
-    except GraphFailure as failure:
-        _defer(item, rt, backoff_seconds(item.deferrals + 1, s.retry_base_seconds, s.retry_max_seconds), failure.code)
+        # Closes the group, and before the token is taken: no storage round trip between take and send.
+        item = rt.status.start_call(item)
+    except (GraphFailure, StatusStoreUnavailable) as failure:
+        code = failure.code if isinstance(failure, GraphFailure) else "StatusStoreUnavailable"
+        _defer(item, rt, backoff_seconds(item.deferrals + 1, s.retry_base_seconds, s.retry_max_seconds), code, clock)
         return
-    if item.notBefore is not None:
-        sleep(max(0.0, min(s.max_slot_wait_seconds, item.notBefore - time.time())))
+    sleep(max(0.0, min(s.max_slot_wait_seconds, item.notBefore - clock())))
     gate = rt.gate_for(item)
-    lease = _acquire(gate, patience=TOKEN_PATIENCE_SECONDS if item.notBefore is not None else 0, sleep=sleep)
+    lease = _acquire(gate, patience=TOKEN_PATIENCE_SECONDS, sleep=sleep)
     if lease is None:
         # Its slot went to another call (a high-priority one, or one put back by throttling).
-        _defer(item.model_copy(update={"displaced": item.displaced + 1}), rt, 0, "NoCapacity")
+        _defer(item.model_copy(update={"displaced": item.displaced + 1}), rt, 0, "NoCapacity", clock)
         return
-    timing = SendTiming(on_sent=lambda sent_at: gate.on_sent(lease, sent_at))
-    try:
-        # Closes the call's coalescing group: requests that arrive from now on get a call of their own.
-        item = rt.status.start_call(item)
-    except StatusStoreUnavailable:
-        gate.finish(lease, timing)  # nothing was sent: the token goes back at once
-        _defer(item, rt, backoff_seconds(item.deferrals + 1, s.retry_base_seconds, s.retry_max_seconds),
-               "StatusStoreUnavailable")
-        return
+    _call(item, rt, gate, lease, token, clock)
+
+
+def _call(item: WorkItem, rt: Runtime, gate: RateGate, lease: Lease, token: str, clock: Clock) -> None:
+    timing = SendTiming(on_sent=lambda sent_at: gate.on_sent(lease, sent_at), send_by=lease.send_by,
+                        clock=gate.clock)
     try:
         answer = rt.graph.provision_on_demand(item, token, timing)
+    except SendDeadlinePassed as late:
+        gate.finish(lease, timing)  # nothing was written: the token goes back (if it is still ours)
+        log.warning("call %s not sent: %s", item.call_id, late)
+        _defer(item, rt, 0, "LeaseExpired", clock)
+        return
     except GraphFailure as failure:
-        if failure.status == 429:
+        if failure.throttled:
             pause = failure.retry_after if failure.retry_after is not None else gate.window
-            gate.hold_back(lease, pause)
-            rt.schedule_for(item).book(0, earliest=time.time() + pause)  # later slots move back too
+            gate.throttled(lease, pause)
+            rt.schedule_for(item).book(0, earliest=clock() + pause)  # later slots move back too
         else:
             gate.finish(lease, timing)
-        _after_failure(item.model_copy(update={"attempts": item.attempts + 1}), rt, failure)
+        _after_failure(item.model_copy(update={"attempts": item.attempts + 1}), rt, failure, clock)
         return
     gate.finish(lease, timing)
     _report(item.model_copy(update={"attempts": item.attempts + 1}), rt, decode(answer))
@@ -99,24 +121,24 @@ def _report(item: WorkItem, rt: Runtime, outcome: Outcome) -> None:
     _emit(item, rt, outcome)
 
 
-def _acquire(gate: RateGate, patience: float, sleep: Callable[[float], None]) -> Lease | None:
+def _acquire(gate: RateGate, patience: float, sleep: Sleep) -> Lease | None:
     """A token now, or within `patience` seconds for an item that is on its slot: the token for
     its slot may come back a few milliseconds after the slot when the previous call was late."""
-    deadline = time.monotonic() + patience
+    deadline = gate.clock() + patience
     while True:
         lease = gate.acquire()
-        if lease is not None or time.monotonic() >= deadline:
+        if lease is not None or gate.clock() >= deadline:
             return lease
         sleep(TOKEN_RETRY_SECONDS)
 
 
-def _after_failure(item: WorkItem, rt: Runtime, failure: GraphFailure) -> None:
+def _after_failure(item: WorkItem, rt: Runtime, failure: GraphFailure, clock: Clock) -> None:
     s = rt.settings
     if failure.kind == "transient" and item.attempts < s.max_attempts:
         delay = failure.retry_after if failure.retry_after is not None else backoff_seconds(
             item.attempts, s.retry_base_seconds, s.retry_max_seconds)
         log.warning("call %s failed (%s), retrying in %.0f s or later", item.call_id, failure.code, delay)
-        _defer(item, rt, delay, failure.code)
+        _defer(item, rt, delay, failure.code, clock)
         return
     why = failure.message if failure.kind == "permanent" else f"gave up after {item.attempts} attempts: {failure.message}"
     give_up(item, rt, ErrorInfo(code=failure.code, message=why, details={"status": failure.status, "kind": failure.kind}),
@@ -132,11 +154,15 @@ def give_up(item: WorkItem, rt: Runtime, info: ErrorInfo, failure: GraphFailure 
           failure=failure)
 
 
-def _defer(item: WorkItem, rt: Runtime, seconds: float, why: str) -> None:
+def _defer(item: WorkItem, rt: Runtime, seconds: float, why: str, clock: Clock) -> None:
     again = item.model_copy(update={"deferrals": item.deferrals + 1})
-    place_now([again], rt, earliest=time.time() + seconds)
+    if seconds <= 0:  # no wait of its own: the next free slot, at the end of the backlog
+        again = place_now([again], rt, clock=clock)[0]
+    else:
+        hold_unbooked(again, rt, seconds)
+        again = again.model_copy(update={"notBefore": clock() + seconds})  # for the status: when it may go
     rt.status.waiting(again, why)
-    log.info("call %s deferred to slot %.1f (%s)", item.call_id, again.notBefore or 0, why)
+    log.info("call %s deferred to %.1f (%s)", item.call_id, again.notBefore or 0, why)
 
 
 def _emit(item: WorkItem, rt: Runtime, outcome: Outcome, failure: GraphFailure | None = None) -> None:

@@ -9,6 +9,7 @@ import time
 import uuid
 from typing import Any, Callable
 
+import httpx
 import pytest
 from azure.storage.queue import QueueClient
 
@@ -140,8 +141,44 @@ class IsolatedHost:
     def queue(self, setting: str) -> QueueClient:
         return QueueClient.from_connection_string(self.connection, self.queues[setting])
 
+    def post(self, body, **params) -> httpx.Response:
+        return httpx.post(f"{self.host.url}/api/provision", json=body, params=params, timeout=30)
+
+    def result(self, request_id: str, timeout: float = 60) -> dict:
+        [result] = self.results.wait_for(lambda m: m.get("requestId") == request_id, timeout=timeout)
+        return result
+
+    def result_of(self, body, timeout: float = 60) -> dict:
+        """The result of one event posted alone."""
+        response = self.post(body)
+        assert response.status_code == 202, response.text
+        [accepted] = response.json()["requests"]
+        return self.result(accepted["requestId"], timeout)
+
     def stop(self) -> None:
         self.results.stop()
         self.deadletters.stop()
         self.host.stop()
         self.sims.stop()
+
+
+def module_host(name: str, make: Callable[..., IsolatedHost]):
+    """A module-scoped fixture `name`: one host of its own from `make(azurite, log_dir)`, stopped after
+    the module's tests."""
+    @pytest.fixture(scope="module", name=name)
+    def host(azurite, tmp_path_factory):
+        started = make(azurite, tmp_path_factory.mktemp(name))
+        yield started
+        started.stop()
+    return host
+
+
+def wait_until(condition: Callable[[], Any], timeout: float = 60) -> Any:
+    """What `condition` returns once it is truthy, polled until `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.1)

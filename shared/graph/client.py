@@ -11,7 +11,7 @@ import httpx
 from azure.core.credentials import TokenCredential
 from azure.core.exceptions import AzureError
 
-from shared.errors import GraphFailure
+from shared.errors import GraphFailure, SendDeadlinePassed
 from shared.graph.retry_policy import parse_retry_after
 from shared.models import GraphKeyValue, WorkItem
 from shared.settings import Settings
@@ -27,22 +27,31 @@ REQUIRED_ROLES_HINT = (
 
 
 class SendTiming:
-    """When the request went onto the wire (local monotonic clock), from httpcore's trace events.
+    """When the request went onto the wire (local monotonic clock), from httpcore's trace events,
+    and the last-moment check of the rate lease's deadline.
 
     The rate lease counts from the moment Graph could have received the call: the end of the body
-    write. A call that failed before its headers started never reached Graph at all.
+    write. A call that failed before its headers started never reached Graph at all. httpcore calls
+    the trace hook right before it writes the request headers, after any wait for a connection; a
+    lease whose `send_by` has passed by then raises SendDeadlinePassed there, and nothing is written.
     """
 
-    def __init__(self, on_sent: Callable[[float], None] | None = None) -> None:
+    def __init__(self, on_sent: Callable[[float], None] | None = None, send_by: float | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.started: float | None = None
         self.sent: float | None = None
         self._on_sent = on_sent
+        self._send_by = send_by
+        self._clock = clock
 
     def trace(self, event: str, info: dict) -> None:
         if event.endswith("send_request_headers.started"):
-            self.started = time.monotonic()
+            now = self._clock()
+            if self._send_by is not None and now > self._send_by:
+                raise SendDeadlinePassed(now - self._send_by)
+            self.started = now
         elif event.endswith("send_request_body.complete") and self.sent is None:
-            self.sent = time.monotonic()
+            self.sent = self._clock()
             if self._on_sent is not None:
                 self._on_sent(self.sent)
 

@@ -39,20 +39,16 @@ HOLD_SECONDS = 5
 
 class ScheduleStore(Protocol):
     def receive(self, hold_seconds: int, max_count: int = 1) -> list[RawToken]: ...
-    def update_content(self, token: RawToken, content: str, visible_in: int) -> None: ...
+    def update_content(self, token: RawToken, content: str, visible_in: int) -> str | None: ...
     def delete(self, token: RawToken) -> None: ...
     def send(self, content: str, visible_in: int) -> None: ...
     def is_empty(self) -> bool: ...
 
 
-@dataclass
+@dataclass(frozen=True)
 class Booking:
     slots: list[float]  # wall-clock epoch seconds, one per call, in order
     horizon: float      # when the timeline is free again after these calls
-
-    @property
-    def wait(self) -> float:
-        return max(0.0, self.slots[-1] - time.time()) if self.slots else 0.0
 
 
 class Schedule:
@@ -70,28 +66,34 @@ class Schedule:
         """Book `count` consecutive slots no earlier than `earliest` on a lane; refuse (BacklogTooLong)
         without booking when the last slot would be more than `max_wait` seconds away."""
         for attempt in range(self.attempts):
-            held = self.store.receive(HOLD_SECONDS, max_count=32)
-            if not held:
-                if attempt == 0 and self._create_if_missing():
-                    continue
-                self.sleep(0.02 + 0.01 * attempt)  # another booker holds it for a few milliseconds
-                continue
-            keep, extra = held[0], held[1:]
-            lanes = [_lanes_of(t.content) for t in held]
-            timeline = {"horizon": max(h for h, _ in lanes), "high": max(h for _, h in lanes)}
-            for duplicate in extra:  # two instances created the timeline at once: merge into one
-                self.store.delete(duplicate)
-            now = self.clock()
-            slots, updated = (self._high if lane == "high" else self._normal)(timeline, count, now, earliest or now)
-            if max_wait is not None and slots and slots[-1] - now > max_wait:
-                self.store.update_content(keep, json.dumps(timeline), 0)
-                raise BacklogTooLong(slots[-1] - now)
-            self.store.update_content(keep, json.dumps(updated), 0)
-            return Booking(slots, updated["horizon"])
+            held = self._hold_timeline(attempt)
+            if held:
+                return self._book_on(held, count, earliest, max_wait, lane)
         # The timeline could not be had (storage trouble): book nothing and let the lease decide.
         log.warning("slot timeline unavailable; booking %d call(s) for now", count)
         now = max(self.clock(), earliest or 0)
         return Booking([now] * count, now)
+
+    def _hold_timeline(self, attempt: int) -> list[RawToken]:
+        held = self.store.receive(HOLD_SECONDS, max_count=32)
+        if not held and not (attempt == 0 and self._create_if_missing()):
+            self.sleep(0.02 + 0.01 * attempt)  # another booker holds it for a few milliseconds
+        return held
+
+    def _book_on(self, held: list[RawToken], count: int, earliest: float | None, max_wait: float | None,
+                 lane: str) -> Booking:
+        keep, extra = held[0], held[1:]
+        lanes = [_lanes_of(t.content) for t in held]
+        timeline = {"horizon": max(h for h, _ in lanes), "high": max(h for _, h in lanes)}
+        for duplicate in extra:  # two instances created the timeline at once: merge into one
+            self.store.delete(duplicate)
+        now = self.clock()
+        slots, updated = (self._high if lane == "high" else self._normal)(timeline, count, now, earliest or now)
+        if max_wait is not None and slots and slots[-1] - now > max_wait:
+            self.store.update_content(keep, json.dumps(timeline), 0)
+            raise BacklogTooLong(slots[-1] - now)
+        self.store.update_content(keep, json.dumps(updated), 0)
+        return Booking(slots, updated["horizon"])
 
     def _normal(self, timeline: dict, count: int, now: float, earliest: float) -> tuple[list[float], dict]:
         start = max(timeline["horizon"], now, earliest)

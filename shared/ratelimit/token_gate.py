@@ -6,12 +6,27 @@ visibility so that it reappears no earlier than `window + margin` after the call
 token can start more than one call per window, and there are only N tokens: at most N calls in
 any window, whichever instance makes them. A crashed caller's token reappears when its hold ends.
 
+A token is only as good as the hold that hides it, so every lease carries a deadline, `send_by`:
+the last moment its request may start going on the wire (shared/graph/client.py checks it when
+httpcore is about to write the request headers, and aborts the request if it has passed). A
+caller stalled for any reason (a paused process, a slow identity endpoint or connection pool)
+therefore never sends on a token that may already be in someone else's hands.
+
 Seeding and repair mint a whole new *epoch*: the queue metadata names the one valid epoch and
-tokens of any other epoch are deleted on sight. Reading the metadata on every take would cost a
-storage transaction per call, so each process trusts what it read for `epoch_ttl` seconds
-(counted from before the read). New tokens therefore first become visible
-`window + margin + epoch_ttl` after minting: by then no process can still be using an old epoch,
-and the old epoch's last call has left the window.
+tokens of any other epoch are deleted on sight. A taker reads the metadata right before each take
+(one more queue transaction per call, a fraction of a cent per 100 000 calls) and trusts it for
+`epoch_ttl` seconds from before the read: a lease's deadline never lies beyond that. New tokens
+therefore first become visible `window + margin + epoch_ttl` after minting: by then no process
+can send on an old-epoch token, and the old epoch's last call has left the window.
+
+A 429 mints a new epoch whose tokens first appear after the Retry-After, so every token of the
+old epoch, in flight or hidden, is dead for every instance within `epoch_ttl`: Graph keeps
+counting calls made while it throttles
+(https://learn.microsoft.com/graph/throttling#best-practices-to-handle-throttling).
+
+Minting never retries a put: a put whose answer was lost may have stored its token, and a
+retried put would store a second one of the valid epoch. A put that failed leaves the pool
+short instead, which the upkeep repairs by minting afresh (never more than N valid tokens).
 """
 from __future__ import annotations
 
@@ -26,6 +41,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Protocol
 
 from azure.core.exceptions import (
+    AzureError,
     HttpResponseError,
     ResourceExistsError,
     ResourceNotFoundError,
@@ -37,8 +53,15 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# How long a process trusts the epoch it read. It bounds how long after a re-seed (or a 429) an
+# old token can still start a call, and it is part of every new epoch's wait before first use.
+EPOCH_TTL_SECONDS = 2.0
+# A queue message can stay hidden for 7 days at most
+# (https://learn.microsoft.com/rest/api/storageservices/update-message).
+MAX_VISIBILITY_SECONDS = 7 * 24 * 3600 - 60
 
-@dataclass
+
+@dataclass(frozen=True)
 class RawToken:
     id: str
     pop_receipt: str
@@ -46,15 +69,17 @@ class RawToken:
 
 
 class TokenStore(Protocol):
-    """The queue operations the gate needs; a storage queue in production, a model in tests."""
+    """The queue operations the gate needs; a storage queue in production, a model in tests.
+    Visibility is whole seconds, as the queue service takes it."""
 
     def receive(self, hold_seconds: int, max_count: int = 1) -> list[RawToken]: ...
-    def update(self, token: RawToken, visible_in: int) -> None:
-        """Set the token's visibility; on success token.pop_receipt becomes the new receipt."""
+    def update(self, token: RawToken, visible_in: int) -> str | None:
+        """Set the token's visibility; the new pop receipt, or None if the receipt was stale or the token gone."""
     def delete(self, token: RawToken) -> None: ...
     def properties(self) -> tuple[dict[str, str], int]: ...
     def set_metadata(self, metadata: dict[str, str]) -> None: ...
-    def send(self, content: str, visible_in: int) -> None: ...
+    def send(self, content: str, visible_in: int) -> None:
+        """Put a message once: no retry, since a put whose answer was lost may have been stored."""
 
 
 class QueueTokenStore:
@@ -72,23 +97,19 @@ class QueueTokenStore:
                                                 visibility_timeout=hold_seconds)
         return [RawToken(m.id, m.pop_receipt, m.content) for m in messages]
 
-    def update(self, token: RawToken, visible_in: int) -> None:
-        try:
-            updated = self._queue.update_message(token.id, token.pop_receipt, content=token.content,
-                                                 visibility_timeout=visible_in)
-            token.pop_receipt = updated.pop_receipt
-        except (ResourceNotFoundError, HttpResponseError) as exc:
-            # Our hold ran out and someone else has the token (or it was deleted as stale): the
-            # hold timeout already guaranteed it reappeared late enough, so nothing is lost.
-            log.warning("lease token %s could not be released (%s); its hold has expired", token.id,
-                        getattr(exc, "error_code", type(exc).__name__))
+    def update(self, token: RawToken, visible_in: int) -> str | None:
+        return self.update_content(token, token.content, visible_in)
 
-    def update_content(self, token: RawToken, content: str, visible_in: int) -> None:
+    def update_content(self, token: RawToken, content: str, visible_in: int) -> str | None:
         try:
-            self._queue.update_message(token.id, token.pop_receipt, content=content, visibility_timeout=visible_in)
+            return self._queue.update_message(token.id, token.pop_receipt, content=content,
+                                              visibility_timeout=visible_in).pop_receipt
         except (ResourceNotFoundError, HttpResponseError) as exc:
-            log.warning("timeline message %s could not be updated (%s)", token.id,
+            # Our hold ran out and someone else has the message (or it was deleted as stale): the
+            # hold timeout already guaranteed it reappeared late enough, so nothing is lost.
+            log.warning("queue message %s could not be updated (%s); its hold has expired", token.id,
                         getattr(exc, "error_code", type(exc).__name__))
+            return None
 
     def is_empty(self) -> bool:
         return self.properties()[1] == 0
@@ -107,13 +128,15 @@ class QueueTokenStore:
         self._queue.set_queue_metadata(metadata)
 
     def send(self, content: str, visible_in: int) -> None:
-        self._queue.send_message(content, visibility_timeout=visible_in or None, time_to_live=-1)
+        # retry_total=0: the SDK would otherwise repeat a put whose answer was lost, storing a
+        # second token of the valid epoch (R2 in shared/ratelimit/token_gate.py's docstring).
+        self._queue.send_message(content, visibility_timeout=visible_in or None, time_to_live=-1, retry_total=0)
 
 
 @dataclass
 class Lease:
     token: RawToken
-    taken_at: float
+    send_by: float  # the gate's clock: a request not yet on the wire by then must not go at all
     lock: threading.Lock = field(default_factory=threading.Lock)
     timer: Timer | None = None
     released: bool = False
@@ -129,16 +152,17 @@ def pool_queue_name(base: str, scope: str, service_principal_id: str, job_id: st
 class RateGate:
     def __init__(self, store: TokenStore, calls: int, window: float, margin: float, call_timeout: float,
                  clock: Callable[[], float] = time.monotonic, start_timer: Callable[..., Timer] | None = None,
-                 epoch_ttl: float | None = None):
+                 epoch_ttl: float = EPOCH_TTL_SECONDS, wall: Callable[[], float] = time.time):
         self.store = store
         self._start_timer = start_timer or _thread_timer
         self.calls = calls
         self.window = window
         self.margin = margin
         self.clock = clock
+        self.wall = wall  # shared across instances (the pause in the queue metadata); `clock` is local
         # Long enough that a caller who dies mid-call cannot have its token reused within the window.
         self.hold_seconds = math.ceil(call_timeout + window + 2 * margin) + 1
-        self.epoch_ttl = 3 * window if epoch_ttl is None else epoch_ttl
+        self.epoch_ttl = epoch_ttl
         self._epoch: str | None = None
         self._epoch_read_at = -math.inf
         self._last_repair_check = -math.inf
@@ -153,15 +177,28 @@ class RateGate:
         if epoch and count >= self.calls:
             self._epoch, self._epoch_read_at = epoch, read_at
             return epoch
-        return self._mint(reason="no pool yet" if not epoch else f"only {count} of {self.calls} tokens left")
+        # A repair during a throttling pause keeps the pause.
+        return self._mint("no pool yet" if not epoch else f"only {count} of {self.calls} tokens left",
+                          pause=_float(metadata.get("pausedUntil")) - self.wall())
 
-    def _mint(self, reason: str) -> str:
+    def _mint(self, reason: str, pause: float = 0.0) -> str:
         epoch = uuid.uuid4().hex
-        self.store.set_metadata({"epoch": epoch, "calls": str(self.calls), "window": str(self.window)})
-        first_visible = math.ceil(self.window + self.margin + self.epoch_ttl)
+        first_visible = min(MAX_VISIBILITY_SECONDS,
+                            math.ceil(max(self.window + self.margin + self.epoch_ttl, pause)))
+        metadata = {"epoch": epoch, "calls": str(self.calls), "window": str(self.window)}
+        if pause > 0:
+            metadata["pausedUntil"] = f"{self.wall() + pause:.3f}"
+        self.store.set_metadata(metadata)
         for n in range(self.calls):
-            self.store.send(json.dumps({"epoch": epoch, "n": n}), first_visible)
-        log.info("lease pool minted epoch %s with %d tokens (%s)", epoch, self.calls, reason)
+            try:
+                self.store.send(json.dumps({"epoch": epoch, "n": n}), first_visible)
+            except AzureError as exc:
+                # Stored or not, it is not sent again: a short pool is repaired by the next upkeep.
+                log.warning("lease pool epoch %s: token %d not confirmed (%s); upkeep will re-mint",
+                            epoch, n, type(exc).__name__)
+                break
+        log.info("lease pool minted epoch %s with %d tokens, first usable in %d s (%s)",
+                 epoch, self.calls, first_visible, reason)
         return epoch
 
     # -- taking and giving back --------------------------------------------------------------
@@ -170,26 +207,34 @@ class RateGate:
         if self._epoch is None:
             self.ensure_pool()
         for _ in range(self.calls + 1):
+            # Read right before the take (not between take and send): a re-seed or a 429's new
+            # epoch reaches every taker within milliseconds, and a stall after it within epoch_ttl.
+            self._read_epoch()
+            asked_at = self.clock()
             tokens = self.store.receive(self.hold_seconds)
             if not tokens:
-                if self.clock() - self._last_repair_check > max(self.window, self.epoch_ttl):
+                if self.clock() - self._last_repair_check > 3 * self.window:
                     self.ensure_pool()
                 return None
             token = tokens[0]
-            if _epoch_of(token.content) == self._current_epoch(refresh=False):
-                return Lease(token, self.clock())
             # A mismatch may mean our view is stale rather than the token: look again first.
-            if _epoch_of(token.content) == self._current_epoch(refresh=True):
-                return Lease(token, self.clock())
+            epoch = _epoch_of(token.content)
+            if epoch == self._epoch or epoch == self._read_epoch():
+                return Lease(token, self._send_by(asked_at))
             self.store.delete(token)
             log.info("deleted lease token %s of a stale epoch", token.id)
         return None
 
-    def _current_epoch(self, refresh: bool) -> str | None:
-        if refresh or self.clock() - self._epoch_read_at >= self.epoch_ttl:
-            read_at = self.clock()
-            metadata, _ = self.store.properties()
-            self._epoch, self._epoch_read_at = metadata.get("epoch"), read_at
+    def _send_by(self, asked_at: float) -> float:
+        # The hold started after `asked_at`, so the token is hidden until at least asked_at + hold;
+        # a call sent by this deadline leaves window + margin before anyone else can have it. And
+        # the epoch it belongs to is only trusted until the view's time is up.
+        return min(asked_at + self.hold_seconds - self.window - self.margin, self._epoch_read_at + self.epoch_ttl)
+
+    def _read_epoch(self) -> str | None:
+        read_at = self.clock()
+        metadata, _ = self.store.properties()
+        self._epoch, self._epoch_read_at = metadata.get("epoch"), read_at
         return self._epoch
 
     def visible_in(self, sent_at: float | None) -> int:
@@ -211,34 +256,33 @@ class RateGate:
     def _release(self, lease: Lease, sent_at: float | None) -> None:
         with lease.lock:
             if not lease.released:
-                self.store.update(lease.token, self.visible_in(sent_at))
-                lease.released = True
+                self._set_visibility(lease, self.visible_in(sent_at))
+
+    def _set_visibility(self, lease: Lease, seconds: int) -> None:
+        receipt = self.store.update(lease.token, seconds)
+        if receipt is not None:
+            lease.token = RawToken(lease.token.id, receipt, lease.token.content)
+        lease.released = True
 
     def finish(self, lease: Lease, timing: "SendTiming") -> None:
         """After the call: make sure the token went back (or goes back now)."""
         if lease.timer is not None:
             lease.timer.join()
         elif timing.started is None:
-            # Nothing went on the wire (no connection, say): the call used no capacity.
+            # Nothing went on the wire (no connection, a passed deadline): the call used no capacity.
             with lease.lock:
-                self.store.update(lease.token, 0)
-                lease.released = True
+                self._set_visibility(lease, 0)
         else:
             # Headers went out but the body never finished: count from now.
             self._release(lease, None)
 
-    def hold_back(self, lease: Lease, seconds: float) -> None:
-        """After a 429: keep this token and every free token out of use for `seconds`, because
-        Graph counts calls made while it throttles."""
-        hold = max(self.visible_in(None), math.ceil(seconds))
+    def throttled(self, lease: Lease, seconds: float) -> None:
+        """After a 429: no token of this pool may start a call for `seconds`, including the tokens
+        of calls in flight or already handed back, because Graph counts calls made while it
+        throttles. A new epoch whose tokens first appear after the pause retires them all."""
         if lease.timer is not None:
             lease.timer.join()
-        with lease.lock:
-            # Still invisible (it reappears a window after the call), so our receipt is valid.
-            self.store.update(lease.token, hold)
-            lease.released = True
-        # Receiving a free token with this visibility is what hides it; nobody needs to give it back.
-        self.store.receive(hold, max_count=self.calls)
+        self._mint(f"Graph throttled for {seconds:.0f} s", pause=seconds)
 
 
 class Timer(Protocol):
@@ -250,6 +294,14 @@ def _thread_timer(delay: float, fn: Callable[..., None], *args: object) -> Timer
     timer.daemon = True
     timer.start()
     return timer
+
+
+def _float(text: str | None) -> float:
+    try:
+        value = float(text or 0)
+    except ValueError:
+        return 0.0
+    return value if math.isfinite(value) else 0.0
 
 
 def _epoch_of(content: str) -> str | None:

@@ -36,9 +36,9 @@ from shared.deadletters import dead_letter_for
 from shared.errors import UploadFailed, validation_details
 from shared.graph.retry_policy import backoff_seconds, parse_retry_after
 from shared.models import ErrorInfo, ResultMessage
-from shared.queues import MAX_MESSAGE_BYTES, Queues
-from shared.results.sinks import QueueSink, ResultSink, fit_for_queue
-from shared.settings import ResultsSink, Settings
+from shared.queues import MAX_MESSAGE_BYTES
+from shared.results.sinks import QueueSink, fit_for_queue
+from shared.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -78,15 +78,6 @@ class LogsQueueSink(QueueSink):
     """The worker's Log Analytics sink: a queue write, never a call to Azure Monitor."""
 
     render = staticmethod(envelope_text)
-
-
-def result_sinks(settings: Settings, queues: Queues) -> list[ResultSink]:
-    sinks: list[ResultSink] = []
-    if settings.results_sink in (ResultsSink.QUEUE, ResultsSink.BOTH):
-        sinks.append(QueueSink(queues, settings.results_queue))
-    if settings.logs_enabled:
-        sinks.append(LogsQueueSink(queues, settings.logs_queue))
-    return sinks
 
 
 # --- rows ---------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Where results go. The queue sink is the default; others plug in beside it."""
+"""Where results go, and which sinks a deployment uses (RESULTS_SINK). The queue sink is the
+default; the Log Analytics sink (shared/results/log_analytics.py) is a queue sink of its own."""
 from __future__ import annotations
 
 from typing import Protocol
@@ -6,6 +7,7 @@ from typing import Protocol
 from shared.models import ResultMessage
 from shared.queues import MAX_MESSAGE_BYTES, Queues
 from shared.results.sizing import fit
+from shared.settings import ResultsSink, Settings
 
 
 class ResultSink(Protocol):
@@ -37,3 +39,16 @@ class QueueSink:
 
     def emit(self, result: ResultMessage) -> None:
         self._queues.send_text(self._queue_name, self.render(result))
+
+
+def result_sinks(settings: Settings, queues: Queues) -> list[ResultSink]:
+    from shared.results.log_analytics import (
+        LogsQueueSink,  # it builds on QueueSink, defined here
+    )
+
+    sinks: list[ResultSink] = []
+    if settings.results_sink in (ResultsSink.QUEUE, ResultsSink.BOTH):
+        sinks.append(QueueSink(queues, settings.results_queue))
+    if settings.logs_enabled:
+        sinks.append(LogsQueueSink(queues, settings.logs_queue))
+    return sinks

@@ -45,6 +45,7 @@ from devhost.storage import (
     encode_message,
     resolve_connection_string,
 )
+from scripts.local_stack import stop_process
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -280,14 +281,8 @@ class DevHost:
         return self
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-                raise AssertionError(f"devhost did not stop within {timeout}s:\n{self.log()}") from None
+        if not stop_process(self.process, sig, timeout):
+            raise AssertionError(f"devhost did not stop within {timeout}s:\n{self.log()}")
         self._log.close()
         return self.process.returncode
 

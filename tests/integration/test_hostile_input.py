@@ -8,9 +8,7 @@ from __future__ import annotations
 import base64
 import json
 import string
-from contextlib import contextmanager
 from typing import Any
-from unittest import mock
 from urllib.parse import unquote
 
 import httpx
@@ -18,27 +16,19 @@ import pytest
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
-from pydantic import BaseModel
 
 from shared import handlers
 from shared.errors import RequestRejected
 from shared.graph.client import provision_path
-from shared.intake.idempotency import AnswerBook
 from shared.intake.validation import accept
 from shared.models import CompactEvent, GraphBodyEvent, WorkItem
-from shared.queues import MAX_MESSAGE_BYTES
-from shared.settings import Settings
-from shared.status.admission import LEAD, Admission
-from tests.memory_table import MemoryTable
+from tests.fakes import SETTINGS, SP, FakeRuntime, no_storage
 
-SP = "c8c95753-f628-48e1-9fab-76c2d4cf624c"
 USER = "9bb0f679-a883-4a6f-8260-35b491b8b8c8"
 FIELDS = ["objectId", "objectTypeName", "ruleId", "servicePrincipalId", "jobId", "members", "correlationId",
           "parameters", "subjects", "links", "@odata.type"]
 HTTP_STATUSES = {202, 400, 401, 413, 415, 422, 503}
 
-SETTINGS = Settings(AzureWebJobsStorage="UseDevelopmentStorage=true", DEFAULT_SERVICE_PRINCIPAL_ID=SP,
-                    DEFAULT_JOB_ID="scim.job", DEFAULT_RULE_ID="rule-1#V2")
 FUZZ = hsettings(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
@@ -54,53 +44,6 @@ json_value = st.recursive(json_leaf, lambda inner: st.lists(inner, max_size=5)
 near_events = st.dictionaries(st.sampled_from(FIELDS), json_value | st.sampled_from(
     ["User", "user", "Group", "Worker", USER, "CN=Ada,DC=corp", "../x", "a%2Fb", "x?y", "x#y", "a\r\nb"]),
     max_size=8)
-
-
-class FakeQueues:
-    """Captures what would go to storage, with storage's own 64 KiB limit."""
-
-    def __init__(self) -> None:
-        self.sent: list[tuple[str, dict]] = []
-
-    def send_json(self, name: str, body: BaseModel | dict, *, delay: int = 0) -> None:
-        text = body.model_dump_json(exclude_none=True) if isinstance(body, BaseModel) else json.dumps(body)
-        assert len(text.encode("utf-8")) <= MAX_MESSAGE_BYTES, "a dead letter must fit in a queue message"
-        self.sent.append((name, json.loads(text)))
-
-
-class NoStatus:
-    """Stands in for the status table in the fuzzing runs: every call gets a slot of its own."""
-
-    def admit(self, items: list[WorkItem]) -> list[Admission]:
-        return [Admission(item, LEAD) for item in items]
-
-    def mark_queued(self, items: list[WorkItem]) -> None:
-        pass
-
-    def record_requests(self, requests: Any) -> None:
-        list(requests)
-
-    def forget(self, admissions: list[Admission]) -> None:
-        pass
-
-
-class FakeRuntime:
-    def __init__(self) -> None:
-        self.settings = SETTINGS
-        self.queues = FakeQueues()
-        self.graph = None
-        self.status = NoStatus()
-        self.answers = AnswerBook(MemoryTable(), retention_seconds=3600)
-
-
-@contextmanager
-def no_storage():
-    """Accepted work is serialised as the work queue would get it, and not booked anywhere."""
-    def place(items: list[WorkItem], rt: Any, **_: Any) -> list[str]:
-        return [item.model_dump_json(exclude_none=True) for item in items]
-    with mock.patch.object(handlers, "place", place), \
-            mock.patch.object(handlers, "_rule_lookup", lambda rt: None, create=True):
-        yield
 
 
 def run_intake(raw: bytes | str) -> tuple[list[str], list[dict]]:

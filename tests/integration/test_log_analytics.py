@@ -26,14 +26,13 @@ from shared.results.log_analytics import (
     LogsEnvelope,
     UploadFailed,
     envelope_text,
-    result_sinks,
     row_bytes,
     split_batches,
     to_row,
     upload_message,
     upload_rows,
 )
-from shared.results.sinks import QueueSink
+from shared.results.sinks import QueueSink, result_sinks
 from shared.settings import Settings, load_settings
 from simulators.logs_ingestion import LogsIngestionSimulator, check_row, load_columns
 

@@ -20,7 +20,7 @@ from shared.models import GraphKeyValue
 from shared.operations.openapi import build_spec
 from shared.results.redaction import PREFIX, pseudonym, redact
 from shared.settings import Settings, load_settings
-from tests.integration.test_hostile_input import SETTINGS, FakeRuntime, no_storage
+from tests.fakes import SETTINGS, FakeRuntime, no_storage
 from tests.system.test_scale_out import Cluster
 
 GOLDEN = Path(__file__).resolve().parents[2] / "simulators" / "golden"

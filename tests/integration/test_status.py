@@ -9,8 +9,9 @@ from datetime import datetime
 
 import httpx
 import pytest
+from azure.core import MatchConditions
 from azure.core.exceptions import ResourceExistsError
-from azure.data.tables import TableClient, TableTransactionError
+from azure.data.tables import TableClient, TableTransactionError, UpdateMode
 from azure.storage.queue import QueueClient
 
 from scripts.local_stack import EXAMPLE_JOB, EXAMPLE_RULE, EXAMPLE_SP
@@ -21,7 +22,7 @@ from shared.settings import Settings
 from shared.status.admission import ALREADY_QUEUED, JOINED, LEAD
 from shared.status.rows import CALLING, OPEN, QUEUED, group_key
 from shared.status.store import StatusStore
-from tests.conftest import IsolatedHost
+from tests.conftest import IsolatedHost, module_host
 
 
 def user() -> str:
@@ -210,8 +211,40 @@ def test_the_memory_table_answers_like_azurite(azurite):
         t.upsert_entity({"PartitionKey": "p", "RowKey": "a", "n": 3})
         return t.submit_transaction([delete_if_unchanged("p", "a", etag)])
 
+    def stale_single_update(t):
+        etag = t.create_entity({"PartitionKey": "i", "RowKey": "u", "n": 1})["etag"]
+        t.update_entity({"PartitionKey": "i", "RowKey": "u", "n": 2}, mode=UpdateMode.REPLACE, etag=etag,
+                        match_condition=MatchConditions.IfNotModified)
+        return t.update_entity({"PartitionKey": "i", "RowKey": "u", "n": 3}, etag=etag,
+                               match_condition=MatchConditions.IfNotModified)
+
+    def stale_single_delete(t):
+        etag = t.get_entity("i", "u").metadata["etag"]
+        t.upsert_entity({"PartitionKey": "i", "RowKey": "u", "n": 4})
+        return t.delete_entity("i", "u", etag=etag, match_condition=MatchConditions.IfNotModified)
+
+    def fresh_single_delete(t):
+        etag = t.get_entity("i", "u").metadata["etag"]
+        t.delete_entity("i", "u", etag=etag, match_condition=MatchConditions.IfNotModified)
+        return t.get_entity("i", "u")
+
+    def expired(t):
+        for n in range(3):
+            t.upsert_entity({"PartitionKey": "e", "RowKey": str(n), "expiresAt": 75.0 * n})  # the last one on the bound
+        return [(e["PartitionKey"], e["RowKey"], sorted(e)) for e in
+                t.query_entities("expiresAt lt @now", parameters={"now": 150.0}, select=["PartitionKey", "RowKey"])]
+
     steps = [
         lambda t: t.submit_transaction([("create", {"PartitionKey": "p", "RowKey": "a", "n": 1})]),
+        # what the idempotency store asks, outside transactions
+        lambda t: t.create_entity({"PartitionKey": "p", "RowKey": "a"}),
+        lambda t: t.create_entity({"PartitionKey": "i", "RowKey": "big", "s": "x" * (32 * 1024 + 1)}),
+        lambda t: t.update_entity({"PartitionKey": "i", "RowKey": "missing"}, etag='W/"x"',
+                                  match_condition=MatchConditions.IfNotModified),
+        stale_single_update,
+        stale_single_delete,
+        lambda t: t.delete_entity("i", "missing", etag='W/"x"', match_condition=MatchConditions.IfNotModified),
+        fresh_single_delete,
         lambda t: t.submit_transaction([("create", {"PartitionKey": "p", "RowKey": "b"}),
                                         ("create", {"PartitionKey": "p", "RowKey": "a"})]),
         lambda t: t.get_entity("p", "b"),
@@ -231,6 +264,8 @@ def test_the_memory_table_answers_like_azurite(azurite):
     try:
         model = MemoryTable()
         assert [outcome(model, step) for step in steps] == [outcome(real, step) for step in steps]
+        assert expired(model) == expired(real) == [("e", "0", ["PartitionKey", "RowKey"]),
+                                                    ("e", "1", ["PartitionKey", "RowKey"])]
         assert sorted(e["RowKey"] for e in model.query_entities("PartitionKey eq @id", parameters={"id": "p"})) == \
             sorted(e["RowKey"] for e in real.query_entities("PartitionKey eq @id", parameters={"id": "p"}))
     finally:
@@ -243,8 +278,8 @@ class StatusHost(IsolatedHost):
         super().__init__(azurite, log_dir, "st", DEFAULT_RULE_ID=EXAMPLE_RULE,
                          STATUS_TABLE=f"st{uuid.uuid4().hex[:10]}")
 
-    def post(self, body) -> list[str]:
-        response = httpx.post(f"{self.host.url}/api/provision", json=body, timeout=30)
+    def accept(self, body) -> list[str]:
+        response = self.post(body)
         assert response.status_code == 202, response.text
         return [r["requestId"] for r in response.json()["requests"]]
 
@@ -265,21 +300,14 @@ class StatusHost(IsolatedHost):
                 return body
             time.sleep(0.2)
 
-    def result(self, request_id: str, timeout: float = 60) -> dict:
-        return self.results.wait_for(lambda m: m.get("requestId") == request_id, timeout=timeout)[0]
 
-
-@pytest.fixture(scope="module")
-def st(azurite, tmp_path_factory):
-    host = StatusHost(azurite, tmp_path_factory.mktemp("status"))
-    yield host
-    host.stop()
+st = module_host("st", StatusHost)
 
 
 def test_status_of_a_request_follows_it_to_its_decoded_result(st):
     subject = user()
     st.sims.graph.script(subject, {"status": 200, "delay": 2.0})
-    [request_id] = st.post({"objectId": subject, "objectTypeName": "User", "correlationId": "status-1"})
+    [request_id] = st.accept({"objectId": subject, "objectTypeName": "User", "correlationId": "status-1"})
     calling = st.wait_state(request_id, {"calling"}, timeout=20)
     assert calling["calls"][0]["since"] and calling["correlationId"] == "status-1"
     done = st.wait_state(request_id, {"succeeded", "skipped"}, timeout=30)
@@ -297,7 +325,7 @@ def test_unknown_and_malformed_request_ids_get_clear_errors(st):
 
 
 def test_a_waiting_request_reports_its_eta_and_a_retry_reports_why_it_waits(st):
-    ids = st.post([{"objectId": user(), "objectTypeName": "User"} for _ in range(16)])
+    ids = st.accept([{"objectId": user(), "objectTypeName": "User"} for _ in range(16)])
     last = st.state(ids[-1])
     assert last["state"] == "queued" and last["etaSeconds"] > 2 and last["calls"][0]["callsAhead"] >= 5
     eta = datetime.fromisoformat(last["eta"]).timestamp()
@@ -308,7 +336,7 @@ def test_a_waiting_request_reports_its_eta_and_a_retry_reports_why_it_waits(st):
     assert abs(datetime.fromisoformat(finished["completedAt"]).timestamp() - eta) < 4
     flaky = user()
     st.sims.graph.script(flaky, {"status": 503, "body": {"error": {"code": "ServiceUnavailable", "message": "busy"}}})
-    [request_id] = st.post({"objectId": flaky, "objectTypeName": "User"})
+    [request_id] = st.accept({"objectId": flaky, "objectTypeName": "User"})
     waiting = st.wait_state(request_id, {"waiting"}, timeout=20)
     assert waiting["calls"][0]["attempts"] == 1 and waiting["calls"][0]["reason"] == "ServiceUnavailable"
     assert waiting["etaSeconds"] >= 0
@@ -319,12 +347,12 @@ def test_a_refused_call_reads_as_dead_lettered_and_a_group_request_sums_up_its_c
     refused = user()
     st.sims.graph.script(refused, {"status": 403, "body": {"error": {"code": "Authorization_RequestDenied",
                                                                      "message": "no"}}})
-    [request_id] = st.post({"objectId": refused, "objectTypeName": "User"})
+    [request_id] = st.accept({"objectId": refused, "objectTypeName": "User"})
     done = st.wait_state(request_id, {"dead-lettered"}, timeout=30)
     assert done["calls"][0]["reason"] == "Authorization_RequestDenied"
     assert done["calls"][0]["result"]["result"] == "Error"
     group = str(uuid.uuid4())
-    [group_request] = st.post({"objectId": group, "objectTypeName": "Group", "members": [user() for _ in range(7)]})
+    [group_request] = st.accept({"objectId": group, "objectTypeName": "Group", "members": [user() for _ in range(7)]})
     done = st.wait_state(group_request, {"succeeded", "skipped"}, timeout=30)
     assert done["callCount"] == 2 and [c["callIndex"] for c in done["calls"]] == [0, 1]
     assert all(c["state"] in ("succeeded", "skipped") for c in done["calls"])
@@ -333,9 +361,9 @@ def test_a_refused_call_reads_as_dead_lettered_and_a_group_request_sums_up_its_c
 def test_equal_waiting_requests_share_one_graph_call_and_each_gets_the_result(st):
     # A backlog to wait behind: only a call sent delayed is known to be queued, and so joinable
     # (a call due now goes out through the output binding; shared/status/admission.py).
-    st.post([{"objectId": user(), "objectTypeName": "User"} for _ in range(20)])
+    st.accept([{"objectId": user(), "objectTypeName": "User"} for _ in range(20)])
     subject = user()
-    ids = [st.post({"objectId": subject, "objectTypeName": "User", "correlationId": f"dup-{n}"})[0]
+    ids = [st.accept({"objectId": subject, "objectTypeName": "User", "correlationId": f"dup-{n}"})[0]
            for n in range(3)]
     follower_status = st.state(ids[2])
     assert follower_status["calls"][0]["servedBy"] == f"{ids[0]}:0"
@@ -354,10 +382,10 @@ def test_equal_waiting_requests_share_one_graph_call_and_each_gets_the_result(st
 
 
 def test_high_priority_requests_overtake_the_backlog_without_starving_it(st):
-    normal = st.post([{"objectId": user(), "objectTypeName": "User"} for _ in range(40)])   # about 20 s of work
+    normal = st.accept([{"objectId": user(), "objectTypeName": "User"} for _ in range(40)])   # about 20 s of work
     time.sleep(1.0)
     posted = time.time()
-    high = st.post([{"objectId": user(), "objectTypeName": "User", "priority": "high"} for _ in range(2)])
+    high = st.accept([{"objectId": user(), "objectTypeName": "User", "priority": "high"} for _ in range(2)])
     high_done = [datetime.fromisoformat(st.result(r, timeout=30)["completedAt"]).timestamp() for r in high]
     normal_done = [datetime.fromisoformat(st.result(r, timeout=90)["completedAt"]).timestamp() for r in normal]
     assert max(high_done) - posted < 6                        # not behind 20 s of normal work
@@ -398,7 +426,7 @@ def test_cli_status_waits_for_the_request_and_prints_each_new_state(st):
 
     subject = user()
     st.sims.graph.script(subject, {"status": 200, "delay": 1.5})
-    [request_id] = st.post({"objectId": subject, "objectTypeName": "User"})
+    [request_id] = st.accept({"objectId": subject, "objectTypeName": "User"})
     out = io.StringIO()
     code = cli.main(["status", request_id, "--url", f"{st.host.url}/api/provision", "--wait", "--interval", "0.2",
                      "--timeout", "30"], out=out)

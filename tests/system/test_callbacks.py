@@ -18,7 +18,7 @@ from devhost.azurite import free_port
 from scripts.local_stack import EXAMPLE_RULE
 from shared.intake.signatures import sign
 from simulators.logs_ingestion import make_certificate
-from tests.conftest import IsolatedHost
+from tests.conftest import IsolatedHost, module_host, wait_until
 
 SECRET = "callback-test-secret-0123456789"
 USER = "3c1e0c6e-3f5b-4c1e-9d7a-0b3c2d1e4f51"
@@ -74,21 +74,7 @@ class CallbackHost(IsolatedHost):
         return response.json().get("callbacks") or []
 
 
-def wait_until(condition, timeout: float = 60):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.2)
-
-
-@pytest.fixture(scope="module")
-def cb(azurite, tmp_path_factory):
-    host = CallbackHost(azurite, tmp_path_factory.mktemp("callbacks"))
-    yield host
-    host.stop()
+cb = module_host("cb", CallbackHost)
 
 
 def accepted_id(response: httpx.Response) -> str:

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import base64
 import json
-import time
 import uuid
 
 import httpx
-import pytest
 
 from scripts.local_stack import EXAMPLE_RULE
 from simulators.directory import directory_of
-from tests.conftest import IsolatedHost
+from tests.conftest import IsolatedHost, module_host, wait_until
 
 ROLES = ["Synchronization.ReadWrite.All", "User.Read.All", "Group.Read.All", "Application.Read.All"]
 OBRIEN = {"userPrincipalName": "o'brien@contoso.com", "mail": "sean.obrien@contoso.com", "employeeId": "E-1001"}
@@ -36,26 +34,12 @@ class NamesHost(IsolatedHost):
                                {"displayName": "Two Jobs", "jobs": ["scim.a", "scim.b"]}])
         self.users = {u["userPrincipalName"]: u["id"] for u in added["users"]}
 
-    def post(self, body, **params) -> httpx.Response:
-        return httpx.post(f"{self.host.url}/api/provision", json=body, params=params, timeout=30)
-
-    def result_of(self, body) -> dict:
-        response = self.post(body)
-        assert response.status_code == 202, response.text
-        [accepted] = response.json()["requests"]
-        [result] = self.results.wait_for(lambda m: m.get("requestId") == accepted["requestId"])
-        return result
-
     def lookups(self, prop: str, value: str) -> int:
         return sum(1 for c in self.directory.calls if c["query"].get("$filter", "").startswith(f"{prop} eq ")
                    and value.replace("'", "''") in c["query"]["$filter"])
 
 
-@pytest.fixture(scope="module")
-def names(azurite, tmp_path_factory):
-    host = NamesHost(azurite, tmp_path_factory.mktemp("names"))
-    yield host
-    host.stop()
+names = module_host("names", NamesHost)
 
 
 def provision_calls(host: IsolatedHost) -> list[dict]:
@@ -135,19 +119,12 @@ def test_directory_outage_is_503_over_http_and_redelivery_on_the_queue(names):
         names.queue("INTAKE_QUEUE").send_message(text)
         # The queue door asks at least twice (first delivery and a redelivery), refused each time.
         wait_until(lambda: sum(1 for c in names.directory.calls if c["status"] == 503
-                               and "Finance" in c["query"].get("$filter", "")) >= 2)
+                               and "Finance" in c["query"].get("$filter", "")) >= 2, timeout=30)
     finally:
         names.directory.http_status = None
     [result] = names.results.wait_for(lambda m: m.get("correlationId") == "q-outage", timeout=60)
     assert result["subject"]["name"] == {"property": "displayName", "value": "Finance"}
     assert names.deadletters.matching(lambda m: "q-outage" in m.get("original", "")) == []
-
-
-def wait_until(condition, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.1)
 
 
 def test_lookup_without_the_permission_names_it(devhost):

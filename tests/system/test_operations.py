@@ -22,7 +22,7 @@ from shared.intake import dry_run as dryrun
 from shared.intake import rule_discovery as rules
 from shared.models import Outcome, Subject
 from shared.settings import Settings
-from tests.conftest import IsolatedHost
+from tests.conftest import IsolatedHost, module_host
 
 USERS_RULE = {"id": "6c409270-f78a-4bc6-af23-7cf3ab6482fe", "name": "USER_TO_SCIM",
               "sourceDirectoryName": "Azure Active Directory", "targetDirectoryName": "customappsso",
@@ -171,22 +171,8 @@ class OpsHost(IsolatedHost):
         super().__init__(azurite, log_dir, "ops", AUTO_START_QUARANTINED_JOB="true",
                          AUTO_START_COOLDOWN_SECONDS="3600")
 
-    def post(self, body, **params) -> httpx.Response:
-        return httpx.post(f"{self.host.url}/api/provision", json=body, params=params, timeout=30)
 
-    def result_of(self, body, timeout: float = 60) -> dict:
-        response = self.post(body)
-        assert response.status_code == 202, response.text
-        [accepted] = response.json()["requests"]
-        [result] = self.results.wait_for(lambda m: m.get("requestId") == accepted["requestId"], timeout=timeout)
-        return result
-
-
-@pytest.fixture(scope="module")
-def ops(azurite, tmp_path_factory):
-    host = OpsHost(azurite, tmp_path_factory.mktemp("ops"))
-    yield host
-    host.stop()
+ops = module_host("ops", OpsHost)
 
 
 def test_dry_run_over_http_sends_nothing_to_graph_and_nothing_to_the_work_queue(ops):
@@ -291,7 +277,7 @@ def test_the_last_delivery_of_an_intake_message_dead_letters_a_schema_that_stays
     from unittest import mock
 
     from shared import handlers
-    from tests.integration.test_hostile_input import FakeRuntime
+    from tests.fakes import FakeRuntime
 
     def unavailable(*_):
         raise RequestRejected(503, "SchemaUnavailable", "the job's schema could not be read")

@@ -35,19 +35,10 @@ def app(azurite, tmp_path_factory):
     host.stop()
 
 
-def post(app, body, **params) -> httpx.Response:
-    return httpx.post(f"{app.host.url}/api/provision", json=body, params=params, timeout=30)
-
-
 def accepted_id(response: httpx.Response) -> str:
     assert response.status_code == 202, response.text
     [accepted] = response.json()["requests"]
     return accepted["requestId"]
-
-
-def result_of(app, request_id: str, timeout: float = 30) -> dict:
-    [result] = app.results.wait_for(lambda m: m.get("requestId") == request_id, timeout=timeout)
-    return result
 
 
 def graph_calls(app, request_id: str) -> list[dict]:
@@ -55,8 +46,8 @@ def graph_calls(app, request_id: str) -> list[dict]:
 
 
 def test_a_users_manager_reaches_graph_and_comes_back_in_the_result(app):
-    request_id = accepted_id(post(app, {"objectId": USER, "objectTypeName": "User", "manager": BOSS}))
-    result = result_of(app, request_id)
+    request_id = accepted_id(app.post({"objectId": USER, "objectTypeName": "User", "manager": BOSS}))
+    result = app.result(request_id)
     assert result["subject"]["manager"] == BOSS
     assert (result["verdict"], result["reasonCode"], result["answerShape"]) == ("created", "EntryExportAdd", "documented")
     [call] = graph_calls(app, request_id)
@@ -70,8 +61,8 @@ def test_a_users_manager_reaches_graph_and_comes_back_in_the_result(app):
 def test_group_owners_in_the_graph_shape_are_sent_as_given(app):
     subject = {"objectId": GROUP, "objectTypeName": "Group",
                "links": {"owners": [{"objectId": OWNER, "objectTypeName": "User"}]}}
-    request_id = accepted_id(post(app, {"parameters": [{"ruleId": "rule-1", "subjects": [subject]}]}))
-    result = result_of(app, request_id)
+    request_id = accepted_id(app.post({"parameters": [{"ruleId": "rule-1", "subjects": [subject]}]}))
+    result = app.result(request_id)
     assert result["subject"]["owners"] == [OWNER]
     [call] = graph_calls(app, request_id)
     assert call["body"]["parameters"][0]["subjects"][0] == subject
@@ -79,13 +70,13 @@ def test_group_owners_in_the_graph_shape_are_sent_as_given(app):
 
 def test_a_manager_on_a_group_is_a_422_naming_the_field_and_nothing_is_sent(app):
     before = len(app.sims.graph.calls())
-    response = post(app, {"objectId": GROUP, "objectTypeName": "Group", "manager": BOSS})
+    response = app.post({"objectId": GROUP, "objectTypeName": "Group", "manager": BOSS})
     assert response.status_code == 422
     error = response.json()["error"]
     assert error["code"] == "ValidationFailed" and error["message"]
     assert [d["field"] for d in error["details"]] == ["manager"]
     assert "manager is only allowed when objectTypeName is 'User'" in error["details"][0]["message"]
-    graph_shape = post(app, {"parameters": [{"subjects": [{"objectId": GROUP, "objectTypeName": "Group",
+    graph_shape = app.post({"parameters": [{"subjects": [{"objectId": GROUP, "objectTypeName": "Group",
                                                           "links": {"manager": {"objectId": BOSS}}}]}]})
     assert graph_shape.status_code == 422
     assert graph_shape.json()["error"]["details"][0]["field"] == "parameters[0].subjects[0].links"
@@ -93,7 +84,7 @@ def test_a_manager_on_a_group_is_a_422_naming_the_field_and_nothing_is_sent(app)
 
 
 def test_the_dry_run_shows_the_links(app):
-    response = post(app, {"objectId": USER, "objectTypeName": "User", "manager": BOSS}, dryRun="true")
+    response = app.post({"objectId": USER, "objectTypeName": "User", "manager": BOSS}, dryRun="true")
     assert response.status_code == 200, response.text
     [call] = response.json()["requests"][0]["calls"]
     assert call["body"]["parameters"][0]["subjects"][0]["links"]["manager"]["objectId"] == BOSS
@@ -101,8 +92,8 @@ def test_the_dry_run_shows_the_links(app):
 
 def test_a_cross_tenant_jobs_statusinfo_answer_gets_its_verdict_from_the_steps(app):
     app.sims.graph.set_job(EXAMPLE_SP, "cross-tenant-job", template_id="Azure2Azure")
-    request_id = accepted_id(post(app, {"objectId": USER, "objectTypeName": "User", "jobId": "cross-tenant-job"}))
-    result = result_of(app, request_id)
+    request_id = accepted_id(app.post({"objectId": USER, "objectTypeName": "User", "jobId": "cross-tenant-job"}))
+    result = app.result(request_id)
     assert (result["answerShape"], result["result"], result["verdict"], result["reasonCode"]) == (
         "statusInfo", "Success", "created", "EntryExportAdd")
     assert result.get("rawKey") is None and result.get("rawValue") is None
@@ -112,8 +103,8 @@ def test_a_cross_tenant_jobs_statusinfo_answer_gets_its_verdict_from_the_steps(a
 def test_a_subject_not_in_scope_yet_is_retried_through_the_queue_and_the_result_says_so(app):
     subject = "4a1b2c3d-0000-4000-8000-00000000aa02"
     app.sims.graph.set_out_of_scope(subject, calls=1)
-    request_id = accepted_id(post(app, {"objectId": subject, "objectTypeName": "User"}))
-    result = result_of(app, request_id, timeout=45)
+    request_id = accepted_id(app.post({"objectId": subject, "objectTypeName": "User"}))
+    result = app.result(request_id, timeout=45)
     assert (result["verdict"], result["outOfScopeRetries"], result["attempts"]) == ("created", 1, 2)
     first, second = graph_calls(app, request_id)
     # Held by the work queue (whole-second visibility, surfacing SCHEDULE_LEAD_SECONDS early), not by a sleeping function.
@@ -123,8 +114,8 @@ def test_a_subject_not_in_scope_yet_is_retried_through_the_queue_and_the_result_
 def test_a_subject_that_stays_out_of_scope_is_reported_after_two_retries_with_what_to_do(app):
     subject = "4a1b2c3d-0000-4000-8000-00000000aa03"
     app.sims.graph.set_out_of_scope(subject, calls=10)
-    request_id = accepted_id(post(app, {"objectId": subject, "objectTypeName": "User"}))
-    result = result_of(app, request_id, timeout=60)
+    request_id = accepted_id(app.post({"objectId": subject, "objectTypeName": "User"}))
+    result = app.result(request_id, timeout=60)
     assert (result["result"], result["verdict"], result["reasonCode"]) == ("Skipped", "outOfScope",
                                                                           "NotEffectivelyEntitled")
     assert (result["outOfScopeRetries"], result["attempts"]) == (2, 3)
@@ -133,9 +124,9 @@ def test_a_subject_that_stays_out_of_scope_is_reported_after_two_retries_with_wh
 
 
 def test_owned_by_without_owning_the_service_principal_gets_a_diagnosis(app):
-    request_id = accepted_id(post(app, {"objectId": USER, "objectTypeName": "User",
+    request_id = accepted_id(app.post({"objectId": USER, "objectTypeName": "User",
                                         "servicePrincipalId": NOT_OWNED_SP}))
-    result = result_of(app, request_id)
+    result = app.result(request_id)
     assert (result["result"], result["verdict"], result["errorCode"]) == ("Error", "failed", "UnknownError")
     assert ("the identity lacks the role, or with Application.ReadWrite.OwnedBy it does not own the enterprise app's "
             "service principal (owning the app registration is not enough)") in result["diagnosis"]

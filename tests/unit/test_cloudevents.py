@@ -126,3 +126,43 @@ def test_openapi_describes_the_cloudevents_content_types_and_the_handshake():
     assert {"application/json", ce.STRUCTURED, ce.BATCHED} == set(content)
     assert spec["components"]["schemas"]["CloudEvent"]["required"] == ["specversion", "id", "source", "type", "data"]
     assert spec["paths"]["/api/provision"]["options"]["operationId"] == "CloudEventsHandshake"
+
+
+def post(body: dict | list, headers: dict):
+    from shared import handlers
+    from tests.fakes import FakeRuntime, no_storage
+
+    rt = FakeRuntime()
+
+    def send(text: str):
+        with no_storage():
+            return handlers.provision_http(text.encode(), headers, rt)
+    return rt, send
+
+
+@pytest.mark.parametrize("body, headers", [(event(), STRUCTURED), ([event(), event(id="A-2")], BATCHED)])
+def test_the_same_event_delivered_again_is_a_replay_of_its_first_answer(body, headers):
+    """source + id is the event's Idempotency-Key (shared/handlers.py _key_of): Event Grid and
+    webhooks redeliver, and a redelivery must not make a second request."""
+    rt, send = post(body, headers)
+    first = send(json.dumps(body))
+    again = send(json.dumps(body))
+    assert first.status == again.status == 202
+    assert again.headers.get("Idempotent-Replayed") == "true" and "Idempotent-Replayed" not in first.headers
+    assert [r["requestId"] for r in again.body["requests"]] == [r["requestId"] for r in first.body["requests"]]
+    assert again.work == []  # nothing queued twice
+
+
+def test_another_event_from_the_same_source_is_a_new_request():
+    rt, send = post(event(), STRUCTURED)
+    first = send(json.dumps(event()))
+    other = send(json.dumps(event(id="A-2")))
+    assert other.status == 202 and "Idempotent-Replayed" not in other.headers
+    assert other.body["requests"][0]["requestId"] != first.body["requests"][0]["requestId"]
+
+
+def test_the_same_id_with_other_data_is_refused_as_a_reused_key():
+    rt, send = post(event(), STRUCTURED)
+    assert send(json.dumps(event())).status == 202
+    changed = send(json.dumps(event(data={**DATA, "objectId": "0" * 8 + USER[8:]})))
+    assert changed.status == 422 and changed.body["error"]["code"] == "IdempotencyKeyReused"

@@ -14,7 +14,7 @@ from shared.status.admission import ALREADY_QUEUED, JOINED, LEAD
 from shared.status.rows import CALLING, MAX_FOLLOWERS, OPEN, group_key
 from shared.status.store import StatusStore
 from shared.status.table import delete_if_unchanged, merge
-from tests.fakes import Clock, MemoryTable
+from tests.fakes import Clock, MemoryTable, no_fault, outage
 
 SP, JOB, RULE = "c8c95753-f628-48e1-9fab-76c2d4cf624c", "job1", "rule1"
 
@@ -151,7 +151,7 @@ def test_an_outage_while_admitting_raises_and_strands_nobody(store, clock):
     store.table.fault = down_after_first_transaction
     with pytest.raises(StatusStoreUnavailable):
         store.admit(calls)
-    store.table.fault = lambda operation: None
+    store.table.fault = no_fault
     assert admit(store, call(calls[0].subject.objectId)) == [LEAD]   # nobody joins what was left
 
 
@@ -164,9 +164,9 @@ def test_marking_queued_keeps_the_open_rows_etag_and_survives_an_outage(store):
     requests = store.table.requests
     assert store.start_call(admitted.item).followers == [] and store.table.requests == requests + 1
     pending = store.admit([call("u2")])[0].item
-    store.table.fault = lambda operation: (_ for _ in ()).throw(ServiceRequestError("down"))
+    store.table.fault = outage
     store.mark_queued([pending])                              # logged, not raised: nobody may join it
-    store.table.fault = lambda operation: None
+    store.table.fault = no_fault
     assert "eta" not in rows(store, pending)[pending.call_id]
     assert admit(store, call("u2")) == [LEAD]
 

@@ -16,7 +16,7 @@ from shared.intake.idempotency import (
     body_hash,
     idempotency_key,
 )
-from tests.memory_table import MemoryTable
+from tests.fakes import MemoryTable, outage
 
 HOUR = 3600.0
 
@@ -123,7 +123,7 @@ def test_an_outage_is_key_store_unavailable_never_a_silent_pass():
     table = MemoryTable()
     answers = book(table=table)
     claim = answers.recall("k", "(shared)", "h")
-    table.outage = True
+    table.fault = outage
     with pytest.raises(KeyStoreUnavailable):
         answers.recall("k2", "(shared)", "h")
     with pytest.raises(KeyStoreUnavailable):
@@ -188,5 +188,5 @@ def test_a_key_claimed_again_between_the_sweeps_query_and_its_delete_is_kept():
 
 def test_a_sweep_during_an_outage_does_not_raise():
     table = MemoryTable()
-    table.outage = True
+    table.fault = outage
     assert book(table=table).sweep() == 0

@@ -8,18 +8,8 @@ from shared.ratelimit.slot_timeline import Schedule
 from tests.fakes import Clock, SimulatedQueue
 
 
-class Store(SimulatedQueue):
-    def update_content(self, token, content, visible_in):
-        m = self.messages.get(token.id)
-        if m is not None and m.pop == token.pop_receipt:
-            m.content, m.visible_at, m.pop = content, self.clock.now + visible_in, self._pop()
-
-    def is_empty(self):
-        return not self.messages
-
-
 def schedule(clock, spacing=2.0):
-    return Schedule(Store(clock, random.Random(1)), spacing, clock=clock, sleep=lambda s: None)
+    return Schedule(SimulatedQueue(clock, random.Random(1)), spacing, clock=clock, sleep=lambda s: None)
 
 
 def test_bookings_are_consecutive_and_never_overlap():
@@ -63,7 +53,7 @@ def test_racing_creators_are_merged_into_one_timeline():
 
 def test_a_timeline_held_by_another_booker_is_waited_for_briefly():
     clock = Clock()
-    store = Store(clock, random.Random(2))
+    store = SimulatedQueue(clock, random.Random(2))
     s = Schedule(store, 1.0, clock=clock, sleep=lambda seconds: setattr(clock, "now", clock.now + seconds))
     s.book(1)
     held = store.receive(5)     # another instance holds it for up to 5 s
@@ -86,7 +76,7 @@ def test_a_high_call_goes_ahead_of_the_normal_backlog_and_keeps_the_total_at_the
 def test_high_calls_take_at_most_their_share_while_normal_calls_wait():
     clock = Clock()
     clock.now = 0.0
-    s = Schedule(Store(clock, random.Random(1)), 2.0, clock=clock, sleep=lambda _: None, high_share=0.5)
+    s = Schedule(SimulatedQueue(clock, random.Random(1)), 2.0, clock=clock, sleep=lambda _: None, high_share=0.5)
     s.book(100)                                  # 200 s of normal backlog
     slots = [s.book(1, lane="high").slots[0] for _ in range(20)]
     assert slots == sorted(set(slots))           # distinct, in order, on the grid

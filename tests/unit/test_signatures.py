@@ -1,7 +1,7 @@
 """Issue 13 N5: webhook signatures cover method, path, query, timestamp and body; each signature is
 accepted once within its window; the old timestamp.body scheme is refused with a reason.
 
-The replay cache is the AnswerBook on the in-memory table (tests/memory_table.py); the end-to-end
+The replay cache is the AnswerBook on the in-memory table (tests/fakes.py); the end-to-end
 run through devhost and Azurite is tests/integration/test_security.py."""
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from shared.errors import KeyStoreUnavailable, RequestRejected
 from shared.intake.idempotency import AnswerBook
 from shared.intake.signatures import canonical_query, sign, string_to_sign, verify
 from shared.settings import Settings
-from tests.memory_table import MemoryTable
+from tests.fakes import MemoryTable, outage
 
 SECRET = "whsec-" + "k3y" * 8
 BODY = json.dumps({"objectId": "9bb0f679-a883-4a6f-8260-35b491b8b8c8", "objectTypeName": "User"}).encode()
@@ -161,7 +161,7 @@ def test_the_replay_cache_lasts_as_long_as_a_timestamp_is_accepted():
 
 def test_a_signature_table_outage_refuses_nothing_silently():
     table = MemoryTable()
-    table.outage = True
+    table.fault = outage
     with pytest.raises(KeyStoreUnavailable):
         check(headers_for(), seen=AnswerBook(table, 3600))
 
