@@ -56,8 +56,8 @@ def provision_status(req: func.HttpRequest) -> func.HttpResponse:
     from shared import handlers
     from shared.operations.readiness import http_door
 
-    return _reply(http_door(dict(req.headers),
-                            lambda rt: handlers.request_status(req.route_params.get("requestId", ""), rt)))
+    request_id = req.route_params.get("requestId", "")
+    return _reply(http_door(dict(req.headers), lambda rt: handlers.request_status(request_id, rt, dict(req.params))))
 
 
 @app.queue_trigger(arg_name="msg", queue_name="%INTAKE_QUEUE%", connection=CONNECTION)

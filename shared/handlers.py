@@ -4,6 +4,9 @@ from __future__ import annotations
 import logging
 from typing import Mapping
 
+from azure.core.exceptions import AzureError
+from pydantic import ValidationError
+
 from shared.deadletters import dead_letter_for
 from shared.errors import (
     BacklogTooLong,
@@ -11,8 +14,9 @@ from shared.errors import (
     RedeliverLater,
     RequestRejected,
     StatusStoreUnavailable,
+    validation_details,
 )
-from shared.intake import cloudevents
+from shared.intake import backlog, cloudevents, envelope
 from shared.intake import dry_run as dryrun
 from shared.intake.idempotency import SHARED_SCOPE, Answer, body_hash, idempotency_key
 from shared.intake.names import NameResolver
@@ -24,7 +28,7 @@ from shared.intake.validation import (
     check_http_request,
     decode_queue_text,
 )
-from shared.models import GUID_RE, WorkItem
+from shared.models import GUID_RE, RequestStatus, WorkItem
 from shared.operations import poison_sweep as poison
 from shared.operations.readiness import return_parked
 from shared.ratelimit.placement import place
@@ -39,9 +43,11 @@ log = logging.getLogger(__name__)
 REPLAYED_HEADER = "Idempotent-Replayed"
 
 
-def _enqueue(accepted: list[AcceptedRequest], rt: Runtime, redelivered_on_failure: bool = False) -> list[str]:
+def _enqueue(accepted: list[AcceptedRequest], rt: Runtime, redelivered_on_failure: bool = False,
+             bounded: bool = True) -> list[str]:
     """Record every call's status, let equal queued calls be joined, and book slots for the rest; refuse
-    the lot when the wait would exceed MAX_EXPECTED_WAIT_HOURS. Raises StatusStoreUnavailable when the
+    the lot when the wait would exceed MAX_EXPECTED_WAIT_HOURS (unless not `bounded`: requests the
+    HTTP door already accepted are booked however far out). Raises StatusStoreUnavailable when the
     status table cannot be written: the queue door retries, the HTTP door answers 503. What a failed
     admit() left behind strands nobody (shared/status/admission.py): it is not withdrawn. Once the
     calls are queued, a request row that cannot be written fails the run only where a redelivery
@@ -49,7 +55,7 @@ def _enqueue(accepted: list[AcceptedRequest], rt: Runtime, redelivered_on_failur
     admitted = rt.status.admit([item for request in accepted for item in request.items])
     leaders = [a.item for a in admitted if a.role == LEAD]
     try:
-        placed = place(leaders, rt, max_wait=rt.settings.max_expected_wait_hours * 3600)
+        placed = place(leaders, rt, max_wait=rt.settings.max_expected_wait_hours * 3600 if bounded else None)
     except Exception as exc:
         rt.status.forget(admitted)
         if not isinstance(exc, BacklogTooLong):
@@ -101,10 +107,50 @@ def _name_lookup(rt: Runtime) -> NameResolver:
 
 def _accept(text: str, rt: Runtime, message_id: str | None = None) -> list[AcceptedRequest]:
     accepted = accept(text, rt.settings, rules=_rule_lookup(rt), names=_name_lookup(rt), message_id=message_id)
+    return _callbacks_checked(accepted, rt)
+
+
+def _callbacks_checked(accepted: list[AcceptedRequest], rt: Runtime) -> list[AcceptedRequest]:
     bulk = len(accepted) > 1
     callbacks.check_requests(((f"[{i}].callbackUrl" if bulk else "callbackUrl", a.items[0].callbackUrl)
                               for i, a in enumerate(accepted) if a.items and a.items[0].callbackUrl), rt.settings)
     return accepted
+
+
+def _opened(text: str, rt: Runtime) -> list[AcceptedRequest]:
+    """An envelope's requests; anyone who can write the intake queue could forge one, so its
+    callbacks are checked again."""
+    try:
+        return _callbacks_checked(envelope.opened(text), rt)
+    except ValidationError as exc:
+        raise RequestRejected(400, "InvalidEnvelope", "the message looks like an envelope of accepted requests "
+                              "but is not one", validation_details(exc)) from None
+
+
+def _fast_intake(accepted: list[AcceptedRequest], rt: Runtime) -> list[AcceptedRequest] | None:
+    """The requests under their post's ids, queued for the queue door; None when one request is too
+    large for a queue message (the door then admits the post itself)."""
+    post_id = envelope.new_post_id()
+    named = envelope.named(accepted, post_id)
+    texts = envelope.envelopes(named, post_id)
+    if texts is not None:
+        _queue_for_intake(named, post_id, texts, rt)
+    return named if texts is not None else None
+
+
+def _queue_for_intake(accepted: list[AcceptedRequest], post_id: str, texts: list[str], rt: Runtime) -> None:
+    """Refuse on the peeked backlog, mark the post received, queue its envelopes."""
+    try:
+        backlog.check([item for request in accepted for item in request.items], rt)
+    except BacklogTooLong as exc:
+        raise _backlog_too_long(exc, rt) from None
+    rt.status.mark_received(post_id, [(len(a.items), a.priority) for a in accepted])
+    try:
+        envelope.send_all(texts, lambda text: rt.queues.send_text(rt.settings.intake_queue, text))
+    except AzureError as exc:
+        log.warning("intake envelope not queued: %s", type(exc).__name__)
+        raise RequestRejected(503, "IntakeQueueUnavailable", "the intake queue cannot be reached right now; "
+                              "nothing was accepted, try again shortly", headers={"Retry-After": "5"}) from None
 
 
 def _accept_http(text: str, headers: Mapping[str, str], rt: Runtime) -> list[AcceptedRequest]:
@@ -133,7 +179,9 @@ def _provision(text: str, headers: Mapping[str, str], rt: Runtime, params: Mappi
     if dryrun.wanted(params):
         # -WhatIf: nothing booked, no capacity taken, nothing sent to Graph.
         return HttpReply(200, dryrun.describe(accepted, rt.settings))
-    work = _enqueue(accepted, rt)
+    queued = _fast_intake(accepted, rt) if rt.settings.fast_intake else None
+    work = [] if queued else _enqueue(accepted, rt)
+    accepted = queued or accepted
     log.info("accepted %d request(s), %d call(s) over HTTP", len(accepted), sum(len(a.items) for a in accepted))
     return HttpReply(202, {"accepted": len(accepted), "requests": [a.summary() for a in accepted]}, work=work)
 
@@ -207,8 +255,10 @@ def intake_message(raw: bytes | str, rt: Runtime, delivery: int = 1, message_id:
     come from `message_id`: every delivery of the message names the same requests."""
     original = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
     try:
-        accepted = _accept(decode_queue_text(raw), rt, message_id=message_id)
-        work = _enqueue(accepted, rt, redelivered_on_failure=True)
+        text = decode_queue_text(raw)
+        fast = envelope.is_envelope(text)
+        accepted = _opened(text, rt) if fast else _accept(text, rt, message_id=message_id)
+        work = _enqueue(accepted, rt, redelivered_on_failure=True, bounded=not fast)
     except RequestRejected as rejected:
         if rejected.info.code in TRANSIENT_INTAKE_CODES and delivery < INTAKE_DELIVERIES:
             log.warning("intake message deferred (%s), delivery %d of %d", rejected.info.code, delivery,
@@ -222,20 +272,46 @@ def intake_message(raw: bytes | str, rt: Runtime, delivery: int = 1, message_id:
     return work
 
 
-def request_status(request_id: str, rt: Runtime) -> HttpReply:
-    """GET /api/provision/{requestId}: where the request stands, its ETA, and its results."""
+def _page_of(params: Mapping[str, str] | None) -> int:
+    text = str({k.lower(): v for k, v in (params or {}).items()}.get("page", "1")).strip()
+    if not text.isdigit() or int(text) < 1:
+        raise RequestRejected(400, "InvalidPage", "page must be a whole number from 1",
+                              [{"field": "page", "message": f"got {text[:40]!r}"}])
+    return int(text)
+
+
+def _read_status(request_id: str, rt: Runtime, params: Mapping[str, str] | None) -> RequestStatus:
+    """The request's status: admitted, or received by fast intake and not yet admitted. Raises
+    RequestRejected (no such page, no such request) and StatusStoreUnavailable."""
+    s = rt.settings
+    page = _page_of(params)
+    status = rt.status.read(request_id, s.slot_spacing, s.graph_timeout_seconds, page)
+    post = envelope.post_of(request_id) if status is None else None
+    status = rt.status.received(request_id, *post) if post else status
+    if status is None:
+        raise RequestRejected(404, "RequestNotFound", f"no request {request_id} is known here")
+    if page > status.pageCount:
+        raise RequestRejected(400, "InvalidPage", f"request {request_id} has {status.pageCount} page(s) of calls",
+                              [{"field": "page", "message": f"at most {status.pageCount}"}])
+    return status
+
+
+def request_status(request_id: str, rt: Runtime, params: Mapping[str, str] | None = None) -> HttpReply:
+    """GET /api/provision/{requestId}[?page=n]: where the request stands, its ETA, and the results
+    of the calls on that page."""
     if not GUID_RE.match(request_id or ""):
         return error_reply(RequestRejected(400, "InvalidRequestId",
                                             "requestId must be the GUID from the 202 answer of POST /api/provision"))
-    s = rt.settings
     try:
-        status = rt.status.read(request_id.lower(), s.slot_spacing, s.graph_timeout_seconds)
+        status = _read_status(request_id.lower(), rt, params)
+    except RequestRejected as rejected:
+        return error_reply(rejected)
     except StatusStoreUnavailable:
         return error_reply(_status_unavailable())
-    if status is None:
-        return error_reply(RequestRejected(404, "RequestNotFound", f"no request {request_id} is known here"))
     if rt.settings.callback_hosts:
-        status = status.model_copy(update={"callbacks": rt.callbacks.states(request_id.lower()) or None})
+        shown = {f"{status.requestId}:{call.callIndex}" for call in status.calls}
+        states = [state for state in rt.callbacks.states(status.requestId) if state.resultId in shown]
+        status = status.model_copy(update={"callbacks": states or None})
     return HttpReply(200, status.model_dump(mode="json", exclude_none=True))
 
 

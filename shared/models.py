@@ -336,6 +336,24 @@ class WorkItem(BaseModel):
         return {"parameters": [{"ruleId": self.ruleId, "subjects": [subject]}]}
 
 
+class EnvelopeRequest(BaseModel):
+    """One request the HTTP door accepted: its id and its calls, validated and resolved."""
+
+    requestId: str
+    correlationId: str | None = None
+    priority: Priority = "normal"
+    items: list[WorkItem]
+
+
+class IntakeEnvelope(BaseModel):
+    """Requests accepted over HTTP, queued on the intake queue in one write (shared/intake/envelope.py):
+    the queue door admits them under these requestIds on every delivery."""
+
+    kind: Literal["acceptedRequests"] = "acceptedRequests"
+    postId: str
+    requests: list[EnvelopeRequest]
+
+
 class GraphKeyValue(BaseModel):
     """Graph's stringKeyStringValuePair: both fields are JSON documents encoded as strings."""
 
@@ -467,7 +485,8 @@ class DeadLetter(BaseModel):
     deadLetteredAt: datetime = Field(default_factory=utcnow)
 
 
-CallState = Literal["queued", "waiting", "calling", "succeeded", "skipped", "failed", "dead-lettered"]
+# "received": accepted over HTTP and queued for intake, not yet admitted (shared/intake/envelope.py).
+CallState = Literal["received", "queued", "waiting", "calling", "succeeded", "skipped", "failed", "dead-lettered"]
 
 
 class CallStatus(BaseModel):
@@ -514,7 +533,7 @@ class CallbackMessage(BaseModel):
     attempts: int = 0
 
 
-ORDER_OF_PROGRESS = ("queued", "waiting", "calling")
+ORDER_OF_PROGRESS = ("received", "queued", "waiting", "calling")
 ORDER_OF_SEVERITY = ("succeeded", "skipped", "failed", "dead-lettered")
 
 
@@ -527,7 +546,12 @@ class RequestStatus(BaseModel):
     callCount: int
     eta: datetime | None = None  # when its last waiting call is due
     etaSeconds: float | None = None
-    calls: list[CallStatus]
+    calls: list[CallStatus]  # the calls on this page, in callIndex order
+    # Paged above 100 calls: `state` and `eta` then describe the calls on this page only.
+    page: int = 1
+    pageCount: int = 1
+    nextPage: int | None = None
+    note: str | None = None  # while `received` for longer than expected: what will happen
     callbacks: list[CallbackState] | None = None  # where each result's callback stands, when one was asked for
 
     def summarised(self, now: float) -> "RequestStatus":

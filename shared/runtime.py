@@ -35,8 +35,10 @@ class Runtime(Protocol):
     callbacks: CallbackLedger
     callback_http: httpx.Client
     answers: AnswerBook
+    timeline_peeks: dict[str, tuple[float, list[str]]]  # FAST_INTAKE's per-process read of each timeline
 
     def pool_name(self, item: WorkItem | None = None) -> str: ...
+    def schedule_queue(self, item: WorkItem | None = None) -> str: ...
     def gate_for(self, item: WorkItem | None = None) -> RateGate: ...
     def schedule_for(self, item: WorkItem | None = None) -> Schedule: ...
 
@@ -51,6 +53,8 @@ class AppRuntime:
     callbacks: CallbackLedger
     callback_http: httpx.Client
     answers: AnswerBook  # Idempotency-Keys and seen webhook signatures
+    # The HTTP door's last peek at each timeline: (time.monotonic(), contents) (shared/intake/backlog.py).
+    timeline_peeks: dict[str, tuple[float, list[str]]] = field(default_factory=dict)
     _gates: dict[str, RateGate] = field(default_factory=dict)
     _schedules: dict[str, Schedule] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -66,8 +70,11 @@ class AppRuntime:
             store, s.rate_limit_calls, s.rate_limit_window_seconds, s.rate_limit_margin_seconds,
             s.graph_timeout_seconds))
 
+    def schedule_queue(self, item: WorkItem | None = None) -> str:
+        return self.pool_name(item) + "-schedule"
+
     def schedule_for(self, item: WorkItem | None = None) -> Schedule:
-        return self._per_pool(self._schedules, self.pool_name(item) + "-schedule",
+        return self._per_pool(self._schedules, self.schedule_queue(item),
                               lambda store: Schedule(store, self.settings.slot_spacing,
                                                      high_share=self.settings.high_priority_share))
 

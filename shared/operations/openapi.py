@@ -266,15 +266,21 @@ def _static_spec(signature_header: str, timestamp_header: str) -> dict[str, Any]
             "/api/provision/{requestId}": {"get": {
                 "operationId": "RequestStatus",
                 "summary": "Where a request stands",
-                "description": "State (queued, waiting, calling, succeeded, skipped, failed, dead-lettered), "
-                               "attempts, the ETA while it waits, and each call's result once it has one.",
+                "description": "State (received, queued, waiting, calling, succeeded, skipped, failed, "
+                               "dead-lettered; received: accepted with FAST_INTAKE, not yet admitted), "
+                               "attempts, the ETA while it waits, and each call's result once it has one. "
+                               "Calls come 100 to a page (`page`, `pageCount`, `nextPage`); above 100 calls, "
+                               "`state` and `eta` describe the calls on the page read.",
                 "parameters": [{"name": "requestId", "in": "path", "required": True,
                                 "description": "The requestId from the 202 answer",
-                                "schema": {"type": "string", "pattern": GUID_RE.pattern}}],
+                                "schema": {"type": "string", "pattern": GUID_RE.pattern}},
+                               {"name": "page", "in": "query", "required": False,
+                                "description": "Which 100 calls to show, from 1 (the default)",
+                                "schema": {"type": "integer", "minimum": 1, "default": 1}}],
                 "responses": {
                     "200": {"description": "The request's status",
                             "content": {JSON: {"schema": {"$ref": REF.format(model="RequestStatus")}}}},
-                    "400": _error("Not a requestId (InvalidRequestId)"),
+                    "400": _error("Not a requestId (InvalidRequestId), or no such page (InvalidPage)"),
                     "401": _error("No valid function key"),
                     "404": _error("No such request (RequestNotFound)"),
                     "503": _error("The status table cannot be reached (StatusStoreUnavailable)", RETRY_AFTER),

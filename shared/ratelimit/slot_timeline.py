@@ -121,6 +121,14 @@ class Schedule:
         self.store.send(json.dumps({"horizon": 0.0}), 0)
         return True
 
+    def wait_if_booked(self, timeline: str, count: int, lane: str = "normal") -> float:
+        """Read-only: how far out the last of `count` calls would go if booked now on `lane`, given
+        the timeline's content as peeked (the HTTP door refuses on it without booking)."""
+        horizon, high = _lanes_of(timeline)
+        now = self.clock()
+        slots, _ = (self._high if lane == "high" else self._normal)({"horizon": horizon, "high": high}, count, now, now)
+        return slots[-1] - now if slots else 0.0
+
 
 def _lanes_of(content: str) -> tuple[float, float]:
     try:

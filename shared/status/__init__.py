@@ -15,8 +15,9 @@ finishing the call with everything it served are each one atomic entity-group tr
 
 Modules: table.py (the Protocol over the table and the Azure implementation), rows.py (row names
 and limits), admission.py (intake: admit, mark queued, withdraw), progress.py (the worker: close,
-waiting, finish), read_model.py (request rows and the status answer), store.py (the one object the
-app holds).
+waiting, finish), read_model.py (request rows and the status answer, paged), received.py (fast
+intake's row per post, read until its requests are admitted), store.py (the one object the app
+holds).
 
 Cost per call when nothing coalesces: one transaction at intake (open row + call row), one write
 more for a call sent delayed (its slot, which makes its group joinable), one per request for the

@@ -27,6 +27,9 @@ from shared.status.table import StatusTable, read_row
 
 log = logging.getLogger(__name__)
 
+# A 1000-call request would otherwise cost a GET 1000+ table reads (issue 13 N3).
+CALLS_PER_PAGE = 100
+
 STALLED_QUEUED = ("due since its slot but not yet taken by a worker: it runs when the function app's hosts are "
                   "running again")
 STALLED_UNCONFIRMED = ("due since its slot but not taken by a worker, and its intake did not record it as queued: it "
@@ -59,20 +62,27 @@ class StatusReader:
         except AzureError as exc:
             raise StatusStoreUnavailable(f"request status not recorded: {type(exc).__name__}") from None
 
-    def read(self, request_id: str, spacing: float, call_timeout: float) -> RequestStatus | None:
+    def read(self, request_id: str, spacing: float, call_timeout: float, page: int = 1) -> RequestStatus | None:
+        """The request and the calls on `page` (CALLS_PER_PAGE each): a read costs one query of the
+        request rows and at most CALLS_PER_PAGE call rows (and their leaders'), whatever the
+        request's size. A page past the last one reads no call rows and lists none."""
         try:
             heads = sorted(self.table.query_entities("PartitionKey eq @id", parameters={"id": request_id}),
                            key=lambda row: (len(row["RowKey"]), row["RowKey"]))
             if not heads:
                 return None
             calls = [call for head in heads for call in json.loads(head.get("calls") or "[]")]
+            start = (page - 1) * CALLS_PER_PAGE
             now = self.clock()
+            with ThreadPoolExecutor(max_workers=PARALLEL) as pool:
+                shown = list(pool.map(lambda call: self._call_status(request_id, *call, now, spacing, call_timeout),
+                                      calls[start:start + CALLS_PER_PAGE]))
+            pages = max(1, math.ceil(len(calls) / CALLS_PER_PAGE))
             return RequestStatus(
                 requestId=request_id, correlationId=heads[0].get("correlationId"),
                 priority=heads[0].get("priority") or "normal", receivedAt=heads[0].get("receivedAt"),
-                callCount=heads[0].get("callCount") or len(calls), state=QUEUED,
-                calls=[self._call_status(request_id, index, key, eta, now, spacing, call_timeout)
-                       for index, key, eta in calls],
+                callCount=heads[0].get("callCount") or len(calls), state=QUEUED, calls=shown,
+                page=page, pageCount=pages, nextPage=page + 1 if page < pages else None,
             ).summarised(now)
         except AzureError as exc:
             raise StatusStoreUnavailable(str(exc)) from None

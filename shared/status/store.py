@@ -14,6 +14,7 @@ from shared.settings import Settings
 from shared.status.admission import Admission, Admitter
 from shared.status.progress import CallProgress
 from shared.status.read_model import StatusReader
+from shared.status.received import ReceivedMarks
 from shared.status.table import StatusTable, connect
 
 
@@ -24,6 +25,7 @@ class StatusStore:
         self.admission = Admitter(table, coalesce, max_join_age, clock)
         self.progress = CallProgress(table, clock)
         self.reader = StatusReader(table, clock)
+        self.marks = ReceivedMarks(table, clock)
         self._created = False
         self._lock = threading.Lock()
 
@@ -40,6 +42,12 @@ class StatusStore:
                 except ResourceExistsError:
                     pass
                 self._created = True
+
+    def _ready_or_unavailable(self) -> None:
+        try:
+            self._ready()
+        except AzureError as exc:
+            raise StatusStoreUnavailable(str(exc)) from None
 
     def admit(self, items: list[WorkItem]) -> list[Admission]:
         """Record every call as queued, or recognise it from an earlier delivery; an equal call
@@ -61,10 +69,7 @@ class StatusStore:
         self.reader.record_requests(requests)
 
     def start_call(self, item: WorkItem) -> WorkItem:
-        try:
-            self._ready()
-        except AzureError as exc:
-            raise StatusStoreUnavailable(str(exc)) from None
+        self._ready_or_unavailable()
         return self.progress.start_call(item)
 
     def waiting(self, item: WorkItem, reason: str) -> None:
@@ -73,9 +78,17 @@ class StatusStore:
     def finish(self, item: WorkItem, results: list[ResultMessage]) -> None:
         self.progress.finish(item, results)
 
-    def read(self, request_id: str, spacing: float, call_timeout: float) -> RequestStatus | None:
+    def read(self, request_id: str, spacing: float, call_timeout: float, page: int = 1) -> RequestStatus | None:
+        self._ready_or_unavailable()
+        return self.reader.read(request_id, spacing, call_timeout, page)
+
+    def mark_received(self, post_id: str, requests: list[tuple[int, str]]) -> None:
+        """Before a fast-intake post is answered 202: its requests read as received until admitted."""
+        self._ready_or_unavailable()
+        self.marks.mark(post_id, requests)
+
+    def received(self, request_id: str, post_id: str, index: int) -> RequestStatus | None:
         try:
-            self._ready()
+            return self.marks.status(request_id, post_id, index)
         except AzureError as exc:
             raise StatusStoreUnavailable(str(exc)) from None
-        return self.reader.read(request_id, spacing, call_timeout)

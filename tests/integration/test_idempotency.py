@@ -30,6 +30,7 @@ def rt(azurite):
     suffix = uuid.uuid4().hex[:10]
     settings = Settings(AzureWebJobsStorage=azurite.connection_string, DEFAULT_SERVICE_PRINCIPAL_ID=EXAMPLE_SP,
                         DEFAULT_JOB_ID=EXAMPLE_JOB, DEFAULT_RULE_ID=EXAMPLE_RULE, WORK_QUEUE=f"idem-work-{suffix}",
+                        INTAKE_QUEUE=f"idem-intake-{suffix}",
                         LEASE_QUEUE=f"idem-lease-{suffix}", DEADLETTER_QUEUE=f"idem-dead-{suffix}",
                         STATUS_TABLE=f"idemstatus{suffix}", IDEMPOTENCY_TABLE=f"idemkeys{suffix}")
     runtime = build_runtime(settings)

@@ -160,6 +160,24 @@ def test_unknown_requests_read_as_none_and_stale_calls_as_stalled(store):
         "PartitionKey eq @k", parameters={"k": stuck.coalesceKey})}
 
 
+def test_a_status_read_of_a_large_request_reads_one_page_of_call_rows(store):
+    """Issue 13 N3 against Azurite: 450 calls span two request rows (400 calls each); page 5 holds the
+    last 50, read with at most 100 point reads of the real table client."""
+    request_id = str(uuid.uuid4())
+    calls = [item(user(), request_id).model_copy(update={"callIndex": i}) for i in range(450)]
+    admitted = [a.item.model_copy(update={"notBefore": time.time() + 60 + i}) for i, a in
+                enumerate(store.admit(calls))]
+    store.mark_queued(admitted)
+    store.record_requests([(request_id, "hr-big", "normal", admitted)])
+    reads = []
+    point_read = store.table.get_entity
+    store.table.get_entity = lambda *args, **kwargs: reads.append(args) or point_read(*args, **kwargs)
+    last = store.read(request_id, 2.0, 30, page=5)
+    assert [c.callIndex for c in last.calls] == list(range(400, 450)) and len(reads) == 50
+    assert (last.callCount, last.pageCount, last.nextPage, last.state) == (450, 5, None, QUEUED)
+    assert store.read(request_id, 2.0, 30, page=6).calls == []
+
+
 def test_the_memory_table_answers_like_azurite(azurite):
     """The in-memory model (tests/fakes.py) raises what the service raises, for the operations we use.
     (Over 100 operations is left out: Azurite answers it with a reply azure-core cannot parse; the

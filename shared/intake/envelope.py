@@ -1,0 +1,99 @@
+"""Fast intake (issue 13): the HTTP door validates, names its requests and queues them for the
+queue door in one write, instead of admitting, booking and recording them itself.
+
+A post gets a random post id (96 bits); its requests' ids are RFC 9562 version-8 GUIDs made of the
+post id and the request's index (https://www.rfc-editor.org/rfc/rfc9562#name-uuid-version-8), so
+that a status read of a request not yet admitted finds its post's received marker
+(shared/status/received.py) and answers `received` instead of 404, and a GUID nobody was given
+finds nothing. The accepted requests go to the intake queue as IntakeEnvelope messages under the
+queue's 64 KiB limit (https://learn.microsoft.com/en-us/azure/storage/queues/storage-queues-introduction),
+sent in parallel; the queue door admits them under the ids they carry, so a redelivery is the
+same requests.
+"""
+from __future__ import annotations
+
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+
+from shared.intake.validation import AcceptedRequest
+from shared.models import EnvelopeRequest, IntakeEnvelope
+
+# Below 64 KiB with room for the XML escaping the queue service applies to the text.
+MAX_ENVELOPE_BYTES = 48 * 1024
+_WRAPPER_BYTES = 128  # {"kind":…,"postId":…,"requests":[…]} around the requests
+PARALLEL_SENDS = 8
+_POST_HEX, _INDEX_HEX = 24, 6
+
+
+def new_post_id() -> str:
+    return uuid.uuid4().hex[:_POST_HEX]
+
+
+def request_id(post_id: str, index: int) -> str:
+    """The GUID of the index-th request of a post: version 8, variant 10, post id and index inside."""
+    digits = post_id[:12] + "8" + post_id[12:15] + "8" + post_id[15:] + f"{index:0{_INDEX_HEX}x}"
+    return str(uuid.UUID(digits))
+
+
+def post_of(request_id_text: str) -> tuple[str, int] | None:
+    """(post id, index) of a requestId made by request_id(); None for any other GUID."""
+    digits = request_id_text.replace("-", "").lower()
+    if len(digits) != 32 or digits[12] != "8" or digits[16] != "8":
+        return None
+    return digits[:12] + digits[13:16] + digits[17:26], int(digits[26:], 16)
+
+
+def named(accepted: list[AcceptedRequest], post_id: str) -> list[AcceptedRequest]:
+    """The requests under their post's ids (new copies; every call carries its request's id)."""
+    renamed = []
+    for index, request in enumerate(accepted):
+        rid = request_id(post_id, index)
+        renamed.append(replace(request, requestId=rid,
+                               items=[item.model_copy(update={"requestId": rid}) for item in request.items]))
+    return renamed
+
+
+def envelopes(accepted: list[AcceptedRequest], post_id: str) -> list[str] | None:
+    """The envelopes' JSON texts, each under MAX_ENVELOPE_BYTES; None when one request alone does
+    not fit (the door then admits the post itself)."""
+    texts: list[str] = []
+    chunk: list[EnvelopeRequest] = []
+    room = MAX_ENVELOPE_BYTES - _WRAPPER_BYTES
+    size = 0
+    for request in accepted:
+        one = EnvelopeRequest(requestId=request.requestId, correlationId=request.correlationId,
+                              priority=request.priority, items=request.items)
+        length = len(one.model_dump_json(exclude_none=True).encode("utf-8")) + 1  # and its comma
+        if length > room:
+            return None
+        if size + length > room:
+            texts.append(_text(post_id, chunk))
+            chunk, size = [], 0
+        chunk.append(one)
+        size += length
+    return texts + ([_text(post_id, chunk)] if chunk else [])
+
+
+def _text(post_id: str, requests: list[EnvelopeRequest]) -> str:
+    return IntakeEnvelope(postId=post_id, requests=requests).model_dump_json(exclude_none=True)
+
+
+def send_all(texts: list[str], send) -> None:
+    """Send every envelope, in parallel; raises the first failure (the caller answers 503: a retry
+    may then admit some requests twice under new ids, which README "When a subject can be called
+    twice" covers)."""
+    with ThreadPoolExecutor(max_workers=min(PARALLEL_SENDS, len(texts)) or 1) as pool:
+        list(pool.map(send, texts))
+
+
+def is_envelope(text: str) -> bool:
+    # Events never carry "kind": an object that starts so is ours.
+    return text.lstrip().startswith('{"kind":"acceptedRequests"')
+
+
+def opened(text: str) -> list[AcceptedRequest]:
+    """The requests of an envelope, under their ids; raises pydantic.ValidationError."""
+    envelope = IntakeEnvelope.model_validate_json(text)
+    return [AcceptedRequest(requestId=r.requestId, correlationId=r.correlationId, priority=r.priority,
+                            items=r.items) for r in envelope.requests]

@@ -1,0 +1,105 @@
+"""Fast intake (issue 13) against Azurite, in process through the real handlers, status store,
+schedule and queues: the HTTP door answers 202 after one queue write per envelope; the status read
+answers from the first moment; the queue door admits an envelope under its ids on every delivery;
+backpressure refuses on the peeked timeline without booking."""
+from __future__ import annotations
+
+import json
+import uuid
+
+import pytest
+
+from shared import handlers
+from shared.intake import envelope
+from tests.integration.test_idempotency import rt as idem_rt  # noqa: F401  (on Azurite, own queues and tables)
+
+
+@pytest.fixture
+def rt(request):
+    runtime = request.getfixturevalue("idem_rt")
+    runtime.settings = runtime.settings.model_copy(update={"fast_intake": True})
+    return runtime
+
+
+def user() -> str:
+    return str(uuid.uuid4())
+
+
+def post(rt, body, key: str | None = None):
+    headers = {"Content-Type": "application/json", **({"Idempotency-Key": key} if key else {})}
+    return handlers.provision_http(json.dumps(body).encode(), headers, rt)
+
+
+def status(rt, request_id: str) -> tuple[int, dict]:
+    reply = handlers.request_status(request_id, rt)
+    return reply.status, reply.body
+
+
+def intake_messages(rt) -> list:
+    return list(rt.queues.get(rt.settings.intake_queue).receive_messages(max_messages=32, visibility_timeout=1))
+
+
+def work_messages(rt) -> int:
+    """Visible and delayed alike."""
+    return rt.queues.get(rt.settings.work_queue).get_queue_properties().approximate_message_count
+
+
+def test_a_get_right_after_the_202_answers_received_and_then_queued(rt):
+    reply = post(rt, [{"objectId": user(), "objectTypeName": "User", "correlationId": f"hr-{i}"} for i in range(3)])
+    assert reply.status == 202 and reply.work == []
+    ids = [r["requestId"] for r in reply.body["requests"]]
+    for rid in ids:
+        code, body = status(rt, rid)
+        assert code == 200 and body["state"] == "received" and body["callCount"] == 1 and body["calls"] == []
+    [message] = intake_messages(rt)
+    due = handlers.intake_message(message.content, rt, message_id=message.id)
+    assert all(status(rt, rid)[1]["state"] == "queued" for rid in ids)
+    assert len(due) + work_messages(rt) == 3
+
+
+def test_a_guid_nobody_was_given_is_still_unknown(rt):
+    reply = post(rt, {"objectId": user(), "objectTypeName": "User"})
+    [rid] = [r["requestId"] for r in reply.body["requests"]]
+    post_id, _ = envelope.post_of(rid)
+    for other in (envelope.request_id(post_id, 1), envelope.request_id(envelope.new_post_id(), 0), str(uuid.uuid4())):
+        code, body = status(rt, other)
+        assert code == 404 and body["error"]["code"] == "RequestNotFound"
+
+
+def test_a_redelivered_envelope_is_the_same_requests(rt):
+    reply = post(rt, [{"objectId": user(), "objectTypeName": "User"} for _ in range(4)])
+    ids = {r["requestId"] for r in reply.body["requests"]}
+    [message] = intake_messages(rt)
+    first = handlers.intake_message(message.content, rt, message_id=message.id)
+    rows = sorted((e["PartitionKey"], e["RowKey"]) for e in rt.status.table.list_entities())
+    sent = work_messages(rt)
+    assert len(first) + sent == 4 and {pk for pk, rk in rows if rk == "request"} == ids
+    # The host dies after admitting and delivers the message again (with a new dequeue count).
+    again = handlers.intake_message(message.content, rt, delivery=2, message_id=message.id)
+    assert sorted((e["PartitionKey"], e["RowKey"]) for e in rt.status.table.list_entities()) == rows
+    # Only the calls whose work went to the output binding (not known to be queued) go again,
+    # under the same requestIds (at-least-once, README "When a subject can be called twice").
+    assert len(again) + work_messages(rt) - sent == len(first)
+    requeued = [json.loads(m.content) for m in rt.queues.get(rt.settings.work_queue).peek_messages(32)]
+    assert {w["requestId"] for w in [json.loads(t) for t in again] + requeued} <= ids
+
+
+def test_backpressure_refuses_on_the_peeked_timeline_without_booking(rt):
+    rt.settings = rt.settings.model_copy(update={"max_expected_wait_hours": 0.01})
+    rt.schedule_for().book(30)  # 30 slots of 2 s: past MAX_EXPECTED_WAIT_HOURS (36 s)
+    timeline = rt.queues.get(rt.schedule_queue()).peek_messages()[0].content
+    reply = post(rt, {"objectId": user(), "objectTypeName": "User"})
+    assert reply.status == 503 and reply.body["error"]["code"] == "BacklogTooLong"
+    assert int(reply.headers["Retry-After"]) >= 1
+    assert rt.queues.get(rt.schedule_queue()).peek_messages()[0].content == timeline  # nothing booked
+    assert intake_messages(rt) == [] and not rt.status._created  # the status table was not even touched
+
+
+def test_a_dry_run_and_a_replayed_key_queue_nothing(rt):
+    event = {"objectId": user(), "objectTypeName": "User"}
+    dry = handlers.provision_http(json.dumps(event).encode(), {"Content-Type": "application/json"}, rt,
+                                  {"dryRun": "true"})
+    assert dry.status == 200 and intake_messages(rt) == []
+    first, again = post(rt, event, key="k-1"), post(rt, event, key="k-1")
+    assert first.status == again.status == 202 and first.body == again.body
+    assert again.headers["Idempotent-Replayed"] == "true" and len(intake_messages(rt)) == 1
