@@ -22,7 +22,7 @@ import socket
 import time
 from datetime import timedelta
 from typing import Any, Callable, Iterable
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import httpx
 from azure.core.exceptions import AzureError, ResourceNotFoundError
@@ -197,7 +197,10 @@ def _post(message: CallbackMessage, host: str, address: str, settings: Settings,
     if settings.webhook_hmac_secret:
         timestamp = str(int(time.time()))
         headers[settings.webhook_timestamp_header] = timestamp
-        headers[settings.webhook_signature_header] = sign(settings.webhook_hmac_secret, timestamp, body)
+        # The receiver checks it as we check inbound webhooks: method, its own path and query, body.
+        target = urlsplit(message.url)
+        headers[settings.webhook_signature_header] = sign(settings.webhook_hmac_secret, timestamp, body, "POST",
+                                                          target.path or "/", dict(parse_qsl(target.query)))
     try:
         return client.post(url, content=body, headers=headers, extensions={"sni_hostname": host}).status_code, None
     except httpx.HTTPError as exc:

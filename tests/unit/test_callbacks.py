@@ -126,7 +126,11 @@ def test_a_delivery_is_signed_like_an_inbound_webhook():
     queues, ledger, [request] = deliver(lambda r: httpx.Response(204))
     body = request.read()
     assert body == b'{"resultId":"r:0"}'
-    assert request.headers["X-Signature"] == sign(SECRET, request.headers["X-Timestamp"], body)
+    # Over the receiver's own method, path and query (docs/security.md's canonical string), so a
+    # receiver checks it exactly as this app checks inbound webhooks.
+    assert request.headers["X-Signature"] == sign(SECRET, request.headers["X-Timestamp"], body, "POST", "/cb",
+                                                  {"token": "abc"})
+    assert request.headers["X-Signature"] != sign(SECRET, request.headers["X-Timestamp"], body)
     assert [s.state for s in ledger.states] == ["delivered"] and ledger.states[0].host == "hooks.contoso.com"
     assert queues.sent == []
 
