@@ -91,6 +91,8 @@ param autoStartCooldownSeconds string = ''
 param highPriorityShare string = ''
 @description('Serve equal waiting requests with one Graph call.')
 param coalesceRequests string = 'true'
+@description('The HTTP door queues accepted requests for the queue door in one write (off: see BENCHMARKS.md).')
+param fastIntake string = 'false'
 @description('The table that holds request status (letters and digits).')
 param statusTable string = 'provisionstatus'
 @description('Table where each result callback\'s state is kept (shared/results/callbacks.py).')
@@ -251,6 +253,7 @@ var appSettings = {
   CALLBACK_QUEUE: queueNames.callbacks
   CALLBACK_TABLE: callbackTable
   COALESCE_REQUESTS: coalesceRequests
+  FAST_INTAKE: fastIntake
   IDEMPOTENCY_TABLE: idempotencyTable
   IDEMPOTENCY_RETENTION_HOURS: idempotencyRetentionHours
   HIGH_PRIORITY_SHARE: highPriorityShare
