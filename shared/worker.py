@@ -39,6 +39,10 @@ log = logging.getLogger(__name__)
 ERROR_RESULT = "Error"  # our own result value: no provisioning outcome, see the dead-letter queue
 TOKEN_RETRY_SECONDS = 0.25
 TOKEN_PATIENCE_SECONDS = 1.0  # how long an item on its slot keeps asking for the slot's token
+# A high call shares its slot with the normal call it displaced, and whichever asks first gets the token.
+# Losing costs it a new slot and a surfacing; waiting for the next token that comes back costs the
+# normal call instead, which the timeline already expects (it is rebooked at the end, once).
+HIGH_TOKEN_PATIENCE_SECONDS = 4.0
 STATUS_LEAD_SECONDS = 0.25  # the `calling` stamp is written this long before the slot, off the slot's path
 
 Clock = Callable[[], float]
@@ -80,7 +84,8 @@ def process(item: WorkItem, rt: Runtime, clock: Clock = time.time, sleep: Sleep 
         return
     sleep(max(0.0, min(s.max_slot_wait_seconds, item.notBefore - clock())))
     gate = rt.gate_for(item)
-    lease = _acquire(gate, patience=TOKEN_PATIENCE_SECONDS, sleep=sleep)
+    patience = HIGH_TOKEN_PATIENCE_SECONDS if item.lane == "high" else TOKEN_PATIENCE_SECONDS
+    lease = _acquire(gate, patience=patience, sleep=sleep)
     if lease is None:
         # Its slot went to another call (a high-priority one, or one put back by throttling).
         _defer(item.model_copy(update={"displaced": item.displaced + 1}), rt, 0, "NoCapacity", clock)

@@ -388,8 +388,8 @@ def test_high_priority_requests_overtake_the_backlog_without_starving_it(st):
     high = st.accept([{"objectId": user(), "objectTypeName": "User", "priority": "high"} for _ in range(2)])
     high_done = [datetime.fromisoformat(st.result(r, timeout=30)["completedAt"]).timestamp() for r in high]
     normal_done = [datetime.fromisoformat(st.result(r, timeout=90)["completedAt"]).timestamp() for r in normal]
-    # Not behind the ~20 s of normal work: half of it (on an idle machine they finish in 2-4 s; a
-    # loaded CI machine has made it 7 s); the next line is the ordering that proves the overtaking.
+    # Not behind the ~20 s of normal work: half of it (3.6-5.1 s seen here with a benchmark running
+    # beside it); the next line is the ordering that proves the overtaking.
     assert max(high_done) - posted < 10
     assert sum(done > max(high_done) for done in normal_done) >= 20   # most of the backlog went after them
     assert st.sims.graph.max_in_window() <= 5                 # and the rate held throughout
