@@ -98,7 +98,9 @@ def test_receiver_down_then_back_gets_the_signed_result_and_the_status_shows_it(
     assert delivery["path"] == "/hooks/provisioned?ticket=T-1"
     result = json.loads(delivery["body"])
     assert result["requestId"] == request_id and result["subject"]["objectId"] == USER and "callbackUrl" not in result
-    assert delivery["headers"]["X-Signature"] == sign(SECRET, delivery["headers"]["X-Timestamp"], delivery["body"])
+    # Signed as inbound webhooks are: the receiver checks method, its own path and query, and the body.
+    assert delivery["headers"]["X-Signature"] == sign(SECRET, delivery["headers"]["X-Timestamp"], delivery["body"],
+                                                      "POST", "/hooks/provisioned", {"ticket": "T-1"})
     [state] = wait_until(lambda: [c for c in cb.callbacks(request_id) if c["state"] == "delivered"])
     assert state["attempts"] == 2 and state["lastStatus"] == 200
 
