@@ -31,11 +31,11 @@ from shared.intake.validation import (
 from shared.models import GUID_RE, RequestStatus, WorkItem
 from shared.operations import poison_sweep as poison
 from shared.operations.readiness import return_parked
-from shared.ratelimit.placement import place
+from shared.ratelimit.placement import Placement, place
 from shared.replies import HttpReply, error_reply
 from shared.results import callbacks
 from shared.runtime import Runtime
-from shared.status.admission import LEAD
+from shared.status.admission import LEAD, Admission
 from shared.worker import handle_work_message
 
 log = logging.getLogger(__name__)
@@ -53,20 +53,24 @@ def _enqueue(accepted: list[AcceptedRequest], rt: Runtime, redelivered_on_failur
     calls are queued, a request row that cannot be written fails the run only where a redelivery
     (`redelivered_on_failure`, the queue door) recognises the same requests and writes it again."""
     admitted = rt.status.admit([item for request in accepted for item in request.items])
-    leaders = [a.item for a in admitted if a.role == LEAD]
-    try:
-        placed = place(leaders, rt, max_wait=rt.settings.max_expected_wait_hours * 3600 if bounded else None)
-    except Exception as exc:
-        rt.status.forget(admitted)
-        if not isinstance(exc, BacklogTooLong):
-            raise
-        raise _backlog_too_long(exc, rt) from None
+    placed = _place_leaders(admitted, rt, rt.settings.max_expected_wait_hours * 3600 if bounded else None)
     # Only work sent by the SDK is known to be on the queue; the output binding writes after we return.
     due = {WorkItem.model_validate_json(text).call_id for text in placed.due_now}
     rt.status.mark_queued([item for item in placed.booked if item.call_id not in due])
     booked = {item.call_id: item for item in placed.booked}
     _record_requests(accepted, [booked.get(a.item.call_id, a.item) for a in admitted], rt, redelivered_on_failure)
     return placed.due_now
+
+
+def _place_leaders(admitted: list[Admission], rt: Runtime, max_wait: float | None) -> Placement:
+    """Book and send the calls that lead; on any failure the admissions are undone first."""
+    try:
+        return place([a.item for a in admitted if a.role == LEAD], rt, max_wait=max_wait)
+    except Exception as exc:
+        rt.status.forget(admitted)
+        if not isinstance(exc, BacklogTooLong):
+            raise
+        raise _backlog_too_long(exc, rt) from None
 
 
 def _backlog_too_long(exc: BacklogTooLong, rt: Runtime) -> RequestRejected:
