@@ -35,7 +35,7 @@ from pydantic import BaseModel
 
 from shared.errors import KeyStoreUnavailable, RequestRejected
 from shared.settings import Settings
-from shared.tables import table_service
+from shared.tables import create_table, table_service
 
 log = logging.getLogger(__name__)
 
@@ -238,10 +238,6 @@ class AnswerBook:
         return 1
 
     def _ensure_table(self) -> None:
-        if self._created:
-            return
-        try:
-            self.table.create_table()
-        except ResourceExistsError:
-            pass
-        self._created = True
+        if not self._created:
+            create_table(self.table)
+            self._created = True

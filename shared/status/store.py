@@ -6,7 +6,7 @@ import threading
 import time
 from typing import Callable, Iterable
 
-from azure.core.exceptions import AzureError, ResourceExistsError
+from azure.core.exceptions import AzureError
 
 from shared.errors import StatusStoreUnavailable
 from shared.models import RequestStatus, ResultMessage, WorkItem
@@ -16,6 +16,7 @@ from shared.status.progress import CallProgress
 from shared.status.read_model import StatusReader
 from shared.status.received import ReceivedMarks
 from shared.status.table import StatusTable, connect
+from shared.tables import create_table
 
 
 class StatusStore:
@@ -37,10 +38,7 @@ class StatusStore:
     def _ready(self) -> None:
         with self._lock:
             if not self._created:
-                try:
-                    self.table.create_table()
-                except ResourceExistsError:
-                    pass
+                create_table(self.table)
                 self._created = True
 
     def _ready_or_unavailable(self) -> None:
