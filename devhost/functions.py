@@ -108,6 +108,17 @@ def _check_parameters(spec_name: str, user_function: Callable[..., Any], binding
     return wants_context
 
 
+# The app setting that makes the host ignore a function's trigger
+# (https://learn.microsoft.com/en-us/azure/azure-functions/disable-function): its queue is not
+# polled, its timer does not fire, its route answers 404. Running a devhost per Flex Consumption
+# scale group (HTTP triggers together, each other trigger on its own instances) uses it.
+DISABLED_SETTING = "AzureWebJobs.{name}.Disabled"
+
+
+def disabled(name: str, environ: Mapping[str, str]) -> bool:
+    return environ.get(DISABLED_SETTING.format(name=name), "").strip().lower() in ("true", "1")
+
+
 def describe_functions(app: func.FunctionRegister, environ: Mapping[str, str],
                        directory: str = "") -> tuple[list[FunctionSpec], list[str]]:
     """FunctionSpecs for the functions devhost can run, and warnings for those it cannot."""
@@ -115,6 +126,9 @@ def describe_functions(app: func.FunctionRegister, environ: Mapping[str, str],
     skipped: list[str] = []
     for function in app.get_functions():
         name = function.get_function_name()
+        if disabled(name, environ):
+            skipped.append(f"function '{name}' is disabled ({DISABLED_SETTING.format(name=name)} is true)")
+            continue
         document = json.loads(function.get_function_json())
         try:
             bindings = [_binding(raw, name, environ) for raw in document.get("bindings", [])]

@@ -132,29 +132,31 @@ def _opened(text: str, rt: Runtime) -> list[AcceptedRequest]:
 
 
 def _fast_intake(accepted: list[AcceptedRequest], rt: Runtime) -> list[AcceptedRequest] | None:
-    """The requests under their post's ids, queued for the queue door; None when one request is too
+    """The requests under their post's ids, queued for the queue door together with the POSTs this
+    process answers at the same time (shared/intake/group_commit.py); None when one request is too
     large for a queue message (the door then admits the post itself)."""
-    post_id = envelope.new_post_id()
-    named = envelope.named(accepted, post_id)
-    texts = envelope.envelopes(named, post_id)
-    if texts is not None:
-        _queue_for_intake(named, post_id, texts, rt)
-    return named if texts is not None else None
-
-
-def _queue_for_intake(accepted: list[AcceptedRequest], post_id: str, texts: list[str], rt: Runtime) -> None:
-    """Refuse on the peeked backlog, mark the post received, queue its envelopes."""
+    if not envelope.fits(accepted):
+        return None
     try:
         backlog.check([item for request in accepted for item in request.items], rt)
     except BacklogTooLong as exc:
         raise _backlog_too_long(exc, rt) from None
-    rt.status.mark_received(post_id, [(len(a.items), a.priority) for a in accepted])
+    return rt.intake_commits.submit(accepted, lambda requests: _write_post(requests, rt))
+
+
+def _write_post(accepted: list[AcceptedRequest], rt: Runtime) -> list[AcceptedRequest]:
+    """Mark a new post received, then queue its envelopes: a GET never finds a 202's id unknown."""
+    post_id = envelope.new_post_id()
+    named = envelope.named(accepted, post_id)
+    rt.status.mark_received(post_id, [(len(a.items), a.priority) for a in named])
     try:
-        envelope.send_all(texts, lambda text: rt.queues.send_text(rt.settings.intake_queue, text))
+        envelope.send_all(envelope.envelopes(named, post_id),
+                          lambda text: rt.queues.send_text(rt.settings.intake_queue, text))
     except AzureError as exc:
         log.warning("intake envelope not queued: %s", type(exc).__name__)
         raise RequestRejected(503, "IntakeQueueUnavailable", "the intake queue cannot be reached right now; "
                               "nothing was accepted, try again shortly", headers={"Retry-After": "5"}) from None
+    return named
 
 
 def _accept_http(text: str, headers: Mapping[str, str], rt: Runtime) -> list[AcceptedRequest]:

@@ -10,6 +10,7 @@ import httpx
 
 from shared.graph.client import GraphClient
 from shared.graph.credentials import app_credential
+from shared.intake.group_commit import GroupCommit
 from shared.intake.idempotency import AnswerBook
 from shared.models import WorkItem
 from shared.queues import Queues, service_client
@@ -36,6 +37,7 @@ class Runtime(Protocol):
     callback_http: httpx.Client
     answers: AnswerBook
     timeline_peeks: dict[str, tuple[float, list[str]]]  # FAST_INTAKE's per-process read of each timeline
+    intake_commits: GroupCommit  # FAST_INTAKE's POSTs of this process that share a post
 
     def pool_name(self, item: WorkItem | None = None) -> str: ...
     def schedule_queue(self, item: WorkItem | None = None) -> str: ...
@@ -55,6 +57,7 @@ class AppRuntime:
     answers: AnswerBook  # Idempotency-Keys and seen webhook signatures
     # The HTTP door's last peek at each timeline: (time.monotonic(), contents) (shared/intake/backlog.py).
     timeline_peeks: dict[str, tuple[float, list[str]]] = field(default_factory=dict)
+    intake_commits: GroupCommit = field(default_factory=GroupCommit)
     _gates: dict[str, RateGate] = field(default_factory=dict)
     _schedules: dict[str, Schedule] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)

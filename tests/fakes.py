@@ -35,6 +35,7 @@ from azure.data.tables import TableEntity, TableTransactionError, UpdateMode
 from pydantic import BaseModel
 
 from shared import handlers
+from shared.intake.group_commit import GroupCommit
 from shared.intake.idempotency import AnswerBook
 from shared.models import WorkItem
 from shared.queues import MAX_MESSAGE_BYTES
@@ -361,6 +362,7 @@ class FakeRuntime:
         self.graph = None
         self.status = NoStatus()
         self.answers = AnswerBook(MemoryTable(), retention_seconds=3600)
+        self.intake_commits = GroupCommit()
 
 
 @contextmanager

@@ -54,19 +54,28 @@ def named(accepted: list[AcceptedRequest], post_id: str) -> list[AcceptedRequest
     return renamed
 
 
-def envelopes(accepted: list[AcceptedRequest], post_id: str) -> list[str] | None:
-    """The envelopes' JSON texts, each under MAX_ENVELOPE_BYTES; None when one request alone does
-    not fit (the door then admits the post itself)."""
+def _sized(accepted: list[AcceptedRequest]) -> list[tuple[EnvelopeRequest, int]]:
+    sized = []
+    for request in accepted:
+        one = EnvelopeRequest(requestId=request.requestId, correlationId=request.correlationId,
+                              priority=request.priority, items=request.items)
+        sized.append((one, len(one.model_dump_json(exclude_none=True).encode("utf-8")) + 1))  # and its comma
+    return sized
+
+
+def fits(accepted: list[AcceptedRequest]) -> bool:
+    """Whether each request fits an envelope on its own (naming does not change a request's size:
+    every requestId is a GUID)."""
+    return all(length <= MAX_ENVELOPE_BYTES - _WRAPPER_BYTES for _, length in _sized(accepted))
+
+
+def envelopes(accepted: list[AcceptedRequest], post_id: str) -> list[str]:
+    """The envelopes' JSON texts, each under MAX_ENVELOPE_BYTES, for requests that fits()."""
     texts: list[str] = []
     chunk: list[EnvelopeRequest] = []
     room = MAX_ENVELOPE_BYTES - _WRAPPER_BYTES
     size = 0
-    for request in accepted:
-        one = EnvelopeRequest(requestId=request.requestId, correlationId=request.correlationId,
-                              priority=request.priority, items=request.items)
-        length = len(one.model_dump_json(exclude_none=True).encode("utf-8")) + 1  # and its comma
-        if length > room:
-            return None
+    for one, length in _sized(accepted):
         if size + length > room:
             texts.append(_text(post_id, chunk))
             chunk, size = [], 0

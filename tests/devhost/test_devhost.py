@@ -24,7 +24,7 @@ import pytest
 from azure.storage.queue import QueueClient
 
 from devhost.azurite import Azurite, free_port, start_azurite
-from devhost.functions import Binding, FunctionSpec
+from devhost.functions import Binding, FunctionSpec, describe_functions
 from devhost.host_config import (
     HostConfigError,
     QueueOptions,
@@ -169,6 +169,26 @@ class TestSettingsAndStorage:
         assert "QueueEndpoint=http://127.0.0.1:10001/devstoreaccount1" in conn
         # The host also looks for AzureWebJobs<name>.
         assert resolve_connection_string("Other", {"AzureWebJobsOther": "x=y"}) == "x=y"
+
+    def test_a_disabled_function_is_not_loaded(self) -> None:
+        def described(environ: dict[str, str]) -> tuple[list[FunctionSpec], list[str]]:
+            app = func.FunctionApp()  # the SDK refuses to list one app's functions twice
+
+            @app.route(route="a")
+            def door(req: func.HttpRequest) -> str:
+                return "a"
+
+            @app.queue_trigger(arg_name="msg", queue_name="q", connection="AzureWebJobsStorage")
+            def worker(msg: func.QueueMessage) -> None:
+                pass
+            return describe_functions(app, environ)
+
+        def loaded(environ: dict[str, str]) -> list[str]:
+            return [spec.name for spec in described(environ)[0]]
+        assert loaded({}) == ["door", "worker"]
+        assert loaded({"AzureWebJobs.worker.Disabled": "true"}) == ["door"]
+        assert loaded({"AzureWebJobs.door.Disabled": "True", "AzureWebJobs.worker.Disabled": "false"}) == ["worker"]
+        assert "'worker' is disabled" in described({"AzureWebJobs.worker.Disabled": "1"})[1][0]
 
 
 def _spec(function: Callable[..., Any], trigger_type: str = "queueTrigger", trigger_name: str = "msg",

@@ -5,9 +5,12 @@ backpressure refuses on the peeked timeline without booking."""
 from __future__ import annotations
 
 import json
+import threading
+import time
 import uuid
 
 import pytest
+from azure.core.exceptions import ServiceRequestError
 
 from shared import handlers
 from shared.intake import envelope
@@ -103,3 +106,57 @@ def test_a_dry_run_and_a_replayed_key_queue_nothing(rt):
     first, again = post(rt, event, key="k-1"), post(rt, event, key="k-1")
     assert first.status == again.status == 202 and first.body == again.body
     assert again.headers["Idempotent-Replayed"] == "true" and len(intake_messages(rt)) == 1
+
+
+def posting_behind_a_slow_write(rt, fail_second: bool) -> tuple[dict, list]:
+    """POST a; while its envelope is being sent, POST b and c; returns the replies by name and the
+    envelope texts sent. The first send is held until b and c wait behind it (a slow queue write)."""
+    inner, held, sending, sent = rt.queues.send_text, threading.Event(), threading.Event(), []
+
+    def send_text(queue: str, text: str) -> None:
+        if not sent:
+            sending.set()
+            assert held.wait(10)
+        elif fail_second:
+            raise ServiceRequestError("connection reset")
+        sent.append(text)
+        inner(queue, text)
+    rt.queues.send_text = send_text
+    replies: dict = {}
+
+    def run(name: str) -> threading.Thread:
+        thread = threading.Thread(target=lambda: replies.__setitem__(
+            name, post(rt, {"objectId": user(), "objectTypeName": "User", "correlationId": name})))
+        thread.start()
+        return thread
+    threads = [run("a")]
+    assert sending.wait(10)
+    threads += [run("b"), run("c")]
+    deadline = time.monotonic() + 10
+    while len(rt.intake_commits._waiting) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    held.set()
+    for thread in threads:
+        thread.join(20)
+    return replies, sent
+
+
+def test_posts_answered_together_share_one_received_row_and_one_envelope(rt):
+    replies, sent = posting_behind_a_slow_write(rt, fail_second=False)
+    assert {name: reply.status for name, reply in replies.items()} == {"a": 202, "b": 202, "c": 202}
+    posts = {name: envelope.post_of(reply.body["requests"][0]["requestId"]) for name, reply in replies.items()}
+    assert posts["b"][0] == posts["c"][0] != posts["a"][0] and {posts["b"][1], posts["c"][1]} == {0, 1}
+    messages = intake_messages(rt)
+    assert len(sent) == 2 and len(messages) == 2
+    for message in messages:
+        handlers.intake_message(message.content, rt, message_id=message.id)
+    for name, reply in replies.items():
+        code, body = status(rt, reply.body["requests"][0]["requestId"])
+        assert code == 200 and body["state"] == "queued" and body["correlationId"] == name
+
+
+def test_a_shared_write_that_fails_refuses_every_post_in_it_and_no_other(rt):
+    replies, sent = posting_behind_a_slow_write(rt, fail_second=True)
+    assert {name: reply.status for name, reply in replies.items()} == {"a": 202, "b": 503, "c": 503}
+    assert replies["b"].body["error"]["code"] == "IntakeQueueUnavailable" and len(intake_messages(rt)) == 1
+    assert post(rt, {"objectId": user(), "objectTypeName": "User"}).status == 503  # the fault goes on
