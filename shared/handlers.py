@@ -135,13 +135,14 @@ def _fast_intake(accepted: list[AcceptedRequest], rt: Runtime) -> list[AcceptedR
     """The requests under their post's ids, queued for the queue door together with the POSTs this
     process answers at the same time (shared/intake/group_commit.py); None when one request is too
     large for a queue message (the door then admits the post itself)."""
-    if not envelope.fits(accepted):
+    size = envelope.size(accepted)
+    if size is None:
         return None
     try:
         backlog.check([item for request in accepted for item in request.items], rt)
     except BacklogTooLong as exc:
         raise _backlog_too_long(exc, rt) from None
-    return rt.intake_commits.submit(accepted, lambda requests: _write_post(requests, rt))
+    return rt.intake_commits.submit(accepted, size, lambda requests: _write_post(requests, rt))
 
 
 def _write_post(accepted: list[AcceptedRequest], rt: Runtime) -> list[AcceptedRequest]:

@@ -10,6 +10,7 @@ import httpx
 
 from shared.graph.client import GraphClient
 from shared.graph.credentials import app_credential
+from shared.intake import envelope
 from shared.intake.group_commit import GroupCommit
 from shared.intake.idempotency import AnswerBook
 from shared.models import WorkItem
@@ -57,7 +58,7 @@ class AppRuntime:
     answers: AnswerBook  # Idempotency-Keys and seen webhook signatures
     # The HTTP door's last peek at each timeline: (time.monotonic(), contents) (shared/intake/backlog.py).
     timeline_peeks: dict[str, tuple[float, list[str]]] = field(default_factory=dict)
-    intake_commits: GroupCommit = field(default_factory=GroupCommit)
+    intake_commits: GroupCommit = field(default_factory=lambda: GroupCommit(envelope.ROOM))
     _gates: dict[str, RateGate] = field(default_factory=dict)
     _schedules: dict[str, Schedule] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)

@@ -35,6 +35,7 @@ from azure.data.tables import TableEntity, TableTransactionError, UpdateMode
 from pydantic import BaseModel
 
 from shared import handlers
+from shared.intake import envelope
 from shared.intake.group_commit import GroupCommit
 from shared.intake.idempotency import AnswerBook
 from shared.models import WorkItem
@@ -362,7 +363,7 @@ class FakeRuntime:
         self.graph = None
         self.status = NoStatus()
         self.answers = AnswerBook(MemoryTable(), retention_seconds=3600)
-        self.intake_commits = GroupCommit()
+        self.intake_commits = GroupCommit(envelope.ROOM)
 
 
 @contextmanager

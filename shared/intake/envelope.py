@@ -63,24 +63,27 @@ def _sized(accepted: list[AcceptedRequest]) -> list[tuple[EnvelopeRequest, int]]
     return sized
 
 
-def fits(accepted: list[AcceptedRequest]) -> bool:
-    """Whether each request fits an envelope on its own (naming does not change a request's size:
-    every requestId is a GUID)."""
-    return all(length <= MAX_ENVELOPE_BYTES - _WRAPPER_BYTES for _, length in _sized(accepted))
+ROOM = MAX_ENVELOPE_BYTES - _WRAPPER_BYTES  # for the requests of one envelope
+
+
+def size(accepted: list[AcceptedRequest]) -> int | None:
+    """The requests' bytes in envelopes; None when one of them does not fit an envelope on its own.
+    Naming does not change it: every requestId is a GUID."""
+    lengths = [length for _, length in _sized(accepted)]
+    return None if any(length > ROOM for length in lengths) else sum(lengths)
 
 
 def envelopes(accepted: list[AcceptedRequest], post_id: str) -> list[str]:
-    """The envelopes' JSON texts, each under MAX_ENVELOPE_BYTES, for requests that fits()."""
+    """The envelopes' JSON texts, each under MAX_ENVELOPE_BYTES, for requests whose size() is not None."""
     texts: list[str] = []
     chunk: list[EnvelopeRequest] = []
-    room = MAX_ENVELOPE_BYTES - _WRAPPER_BYTES
-    size = 0
+    used = 0
     for one, length in _sized(accepted):
-        if size + length > room:
+        if used + length > ROOM:
             texts.append(_text(post_id, chunk))
-            chunk, size = [], 0
+            chunk, used = [], 0
         chunk.append(one)
-        size += length
+        used += length
     return texts + ([_text(post_id, chunk)] if chunk else [])
 
 

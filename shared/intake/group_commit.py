@@ -5,9 +5,11 @@ The write is the cost of a POST (two storage round trips), and the queue door ad
 requests together, so a shared post makes both doors cheaper per request. There is no timer: the
 first POST that finds no write in flight writes at once (no added wait when traffic is light); the
 POSTs that arrive during that write wait for it to end and go out together in the next one, led by
-the first of them. Every POST is answered only after the write that carries it succeeded; when it
-fails, every POST in it fails the same way (each client then retries its own; nothing was
-answered 202 that is not durably queued).
+the first of them. POSTs share a write only while their requests fit one envelope together, so a
+shared write is one queue message, sent whole or not at all; a larger POST goes alone. Every POST
+is answered only after the write that carries it succeeded; when it fails, every POST in it fails
+the same way (each client then retries its own; nothing was answered 202 that is not durably
+queued).
 """
 from __future__ import annotations
 
@@ -18,9 +20,6 @@ from typing import Callable
 
 from shared.intake.validation import AcceptedRequest
 
-# A shared post stays within what one POST may carry, so its received row and the queue door's
-# batch stay as bounded as a single POST's (MAX_CALLS_PER_POST defaults to 1000).
-MAX_SHARED_REQUESTS = 1000
 
 # Writes the requests as one post under the given ids; returns them under their post's ids.
 PostWriter = Callable[[list[AcceptedRequest]], list[AcceptedRequest]]
@@ -29,6 +28,7 @@ PostWriter = Callable[[list[AcceptedRequest]], list[AcceptedRequest]]
 @dataclass
 class _Waiting:
     accepted: list[AcceptedRequest]
+    size: int
     done: threading.Event = field(default_factory=threading.Event)
     leads: bool = False
     named: list[AcceptedRequest] | None = None
@@ -36,16 +36,16 @@ class _Waiting:
 
 
 class GroupCommit:
-    def __init__(self, max_requests: int = MAX_SHARED_REQUESTS):
-        self.max_requests = max_requests
+    def __init__(self, max_size: int):
+        self.max_size = max_size
         self._lock = threading.Lock()
         self._waiting: deque[_Waiting] = deque()
         self._writing = False
 
-    def submit(self, accepted: list[AcceptedRequest], write: PostWriter) -> list[AcceptedRequest]:
-        """This POST's requests under their post's ids, once durably written (alone or with others).
-        Raises what the write raised."""
-        me = _Waiting(accepted)
+    def submit(self, accepted: list[AcceptedRequest], size: int, write: PostWriter) -> list[AcceptedRequest]:
+        """This POST's requests under their post's ids, once durably written (alone or with others
+        whose sizes add up to at most max_size). Raises what the write raised."""
+        me = _Waiting(accepted, size)
         with self._lock:
             self._waiting.append(me)
             if not self._writing:
@@ -84,11 +84,11 @@ class GroupCommit:
             waiting.done.set()
 
     def _take(self) -> list[_Waiting]:
-        """The leader and the POSTs behind it, in arrival order, up to max_requests requests (a POST
-        larger than that alone goes alone)."""
+        """The leader and the POSTs behind it, in arrival order, while their sizes add up to at most
+        max_size (a POST larger than that goes alone)."""
         batch = [self._waiting.popleft()]
-        size = len(batch[0].accepted)
-        while self._waiting and size + len(self._waiting[0].accepted) <= self.max_requests:
-            size += len(self._waiting[0].accepted)
+        size = batch[0].size
+        while self._waiting and size + self._waiting[0].size <= self.max_size:
+            size += self._waiting[0].size
             batch.append(self._waiting.popleft())
         return batch

@@ -36,7 +36,7 @@ class Writes:
 def submit_in_thread(commits: GroupCommit, requests: list[str], write: Writes, answers: dict) -> threading.Thread:
     def run() -> None:
         try:
-            answers[requests[0]] = commits.submit(requests, write)
+            answers[requests[0]] = commits.submit(requests, len(requests), write)
         except RuntimeError as exc:
             answers[requests[0]] = exc
     thread = threading.Thread(target=run)
@@ -53,12 +53,12 @@ def wait_for_waiters(commits: GroupCommit, count: int) -> None:
 
 def test_a_post_alone_is_written_at_once_on_its_own():
     write = Writes()
-    assert GroupCommit().submit(["a", "b"], write) == ["post1/0:a", "post1/1:b"]
+    assert GroupCommit(1000).submit(["a", "b"], 2, write) == ["post1/0:a", "post1/1:b"]
     assert write.posts == [["a", "b"]]
 
 
 def test_posts_arriving_during_a_write_share_the_next_one_and_each_gets_its_own_ids():
-    commits, write, answers = GroupCommit(), Writes(), {}
+    commits, write, answers = GroupCommit(1000), Writes(), {}
     write.held.clear()
     first = submit_in_thread(commits, ["a"], write, answers)
     assert write.started.wait(5)
@@ -77,7 +77,7 @@ def test_posts_arriving_during_a_write_share_the_next_one_and_each_gets_its_own_
 
 
 def test_a_failed_write_fails_every_post_in_it_and_the_next_write_still_happens():
-    commits, write, answers = GroupCommit(), Writes(), {}
+    commits, write, answers = GroupCommit(1000), Writes(), {}
     write.held.clear()
     first = submit_in_thread(commits, ["a"], write, answers)
     assert write.started.wait(5)
@@ -90,11 +90,11 @@ def test_a_failed_write_fails_every_post_in_it_and_the_next_write_still_happens(
         assert not thread.is_alive()
     assert answers["a"] == ["post1/0:a"]
     assert [str(answers[name]) for name in ("b", "c")] == ["write 2 failed"] * 2
-    assert commits.submit(["e"], write) == ["post3/0:e"]
+    assert commits.submit(["e"], 1, write) == ["post3/0:e"]
 
 
-def test_a_shared_post_stays_within_the_request_limit_and_a_larger_post_goes_alone():
-    commits, write, answers = GroupCommit(max_requests=4), Writes(), {}
+def test_a_shared_post_stays_within_the_size_limit_and_a_larger_post_goes_alone():
+    commits, write, answers = GroupCommit(max_size=4), Writes(), {}
     write.held.clear()
     first = submit_in_thread(commits, ["a"], write, answers)
     assert write.started.wait(5)
@@ -112,7 +112,7 @@ def test_a_shared_post_stays_within_the_request_limit_and_a_larger_post_goes_alo
 
 @pytest.mark.parametrize("clients", [8])
 def test_many_concurrent_posts_all_finish_and_none_is_written_twice(clients):
-    commits, write = GroupCommit(), Writes()
+    commits, write = GroupCommit(1000), Writes()
     answers: dict = {}
     threads = [submit_in_thread(commits, [f"r{n}"], write, answers) for n in range(clients * 25)]
     for thread in threads:
