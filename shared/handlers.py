@@ -263,9 +263,12 @@ def intake_message(raw: bytes | str, rt: Runtime, delivery: int = 1, message_id:
     original = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
     try:
         text = decode_queue_text(raw)
-        fast = envelope.is_envelope(text)
-        accepted = _opened(text, rt) if fast else _accept(text, rt, message_id=message_id)
-        work = _enqueue(accepted, rt, redelivered_on_failure=True, bounded=not fast)
+        if envelope.is_envelope(text):
+            accepted = _opened(text, rt)
+            work = _admit_envelope(accepted, rt)
+        else:
+            accepted = _accept(text, rt, message_id=message_id)
+            work = _enqueue(accepted, rt, redelivered_on_failure=True)
     except RequestRejected as rejected:
         if rejected.info.code in TRANSIENT_INTAKE_CODES and delivery < INTAKE_DELIVERIES:
             log.warning("intake message deferred (%s), delivery %d of %d", rejected.info.code, delivery,
@@ -277,6 +280,25 @@ def intake_message(raw: bytes | str, rt: Runtime, delivery: int = 1, message_id:
     log.info("accepted %d request(s) from the intake queue: %s", len(accepted),
              ", ".join(a.requestId for a in accepted))
     return work
+
+
+def _admit_envelope(accepted: list[AcceptedRequest], rt: Runtime) -> list[str]:
+    """An envelope's requests, admitted together with those of the envelopes this process is
+    handed at the same time (shared/intake/group_commit.py): one admission and one booking for all.
+    Booked however far out: the HTTP door already accepted them. If the round fails, every message
+    in it is delivered again, and names the same requests."""
+    calls = sum(len(a.items) for a in accepted)
+    per_request = rt.admission_commits.submit(accepted, calls, lambda together: _due_by_request(together, rt))
+    return [text for texts in per_request for text in texts]
+
+
+def _due_by_request(accepted: list[AcceptedRequest], rt: Runtime) -> list[list[str]]:
+    """The work due now of each request (in order), for the output binding of its own message."""
+    due: dict[str, list[str]] = {}
+    for text in _enqueue(accepted, rt, redelivered_on_failure=True, bounded=False):
+        due.setdefault(WorkItem.model_validate_json(text).requestId, []).append(text)
+    # A request twice in a round (its envelope delivered again meanwhile) sends its work once.
+    return [due.pop(a.requestId, []) for a in accepted]
 
 
 def _page_of(params: Mapping[str, str] | None) -> int:

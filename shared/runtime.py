@@ -23,6 +23,9 @@ from shared.settings import Settings, get_settings
 from shared.status.store import StatusStore
 
 T = TypeVar("T")
+# The calls the queue door admits in one round at most: what one POST may carry by default
+# (MAX_CALLS_PER_POST), so a round costs no more than the largest default post.
+ADMISSION_ROUND_CALLS = 1000
 
 
 class Runtime(Protocol):
@@ -39,6 +42,7 @@ class Runtime(Protocol):
     answers: AnswerBook
     timeline_peeks: dict[str, tuple[float, list[str]]]  # FAST_INTAKE's per-process read of each timeline
     intake_commits: GroupCommit  # FAST_INTAKE's POSTs of this process that share a post
+    admission_commits: GroupCommit  # FAST_INTAKE's envelopes of this process admitted together
 
     def pool_name(self, item: WorkItem | None = None) -> str: ...
     def schedule_queue(self, item: WorkItem | None = None) -> str: ...
@@ -59,6 +63,7 @@ class AppRuntime:
     # The HTTP door's last peek at each timeline: (time.monotonic(), contents) (shared/intake/backlog.py).
     timeline_peeks: dict[str, tuple[float, list[str]]] = field(default_factory=dict)
     intake_commits: GroupCommit = field(default_factory=lambda: GroupCommit(envelope.ROOM))
+    admission_commits: GroupCommit = field(default_factory=lambda: GroupCommit(ADMISSION_ROUND_CALLS))
     _gates: dict[str, RateGate] = field(default_factory=dict)
     _schedules: dict[str, Schedule] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)

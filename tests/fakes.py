@@ -364,6 +364,7 @@ class FakeRuntime:
         self.status = NoStatus()
         self.answers = AnswerBook(MemoryTable(), retention_seconds=3600)
         self.intake_commits = GroupCommit(envelope.ROOM)
+        self.admission_commits = GroupCommit(1000)
 
 
 @contextmanager

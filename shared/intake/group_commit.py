@@ -1,51 +1,52 @@
-"""Group commit for fast intake: POSTs answered at the same time by one process share one post, so
-one received row and one envelope carry all of them (shared/intake/envelope.py).
+"""Group commit: work that threads of one process hand in at the same time is done in one go.
 
-The write is the cost of a POST (two storage round trips), and the queue door admits an envelope's
-requests together, so a shared post makes both doors cheaper per request. There is no timer: the
-first POST that finds no write in flight writes at once (no added wait when traffic is light); the
-POSTs that arrive during that write wait for it to end and go out together in the next one, led by
-the first of them. POSTs share a write only while their requests fit one envelope together, so a
-shared write is one queue message, sent whole or not at all; a larger POST goes alone. Every POST
-is answered only after the write that carries it succeeded; when it fails, every POST in it fails
-the same way (each client then retries its own; nothing was answered 202 that is not durably
-queued).
+Fast intake uses it at both doors. At the HTTP door, POSTs answered at the same time share one
+post: one received row and one envelope carry all of them (shared/intake/envelope.py), where each
+POST alone would cost two storage round trips. At the queue door, envelopes delivered together are
+admitted together: one admission, one booking on the shared timeline, one request-row pass.
+
+There is no timer: the first caller that finds nothing in flight goes at once (no added wait when
+traffic is light); the callers that arrive meanwhile wait for it to end and go together in the
+next round, led by the first of them. A round takes callers while their sizes add up to at most
+`max_size` (a caller larger than that goes alone): at the HTTP door the size is envelope bytes, so
+a shared post is one queue message, sent whole or not at all. Each caller gets back only its own
+results, and only after the round that carried it succeeded; when a round fails, every caller in
+it raises the same error (each then retries its own work; nothing was answered as done that is
+not).
 """
 from __future__ import annotations
 
 import threading
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Generic, TypeVar
 
-from shared.intake.validation import AcceptedRequest
-
-
-# Writes the requests as one post under the given ids; returns them under their post's ids.
-PostWriter = Callable[[list[AcceptedRequest]], list[AcceptedRequest]]
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 @dataclass
-class _Waiting:
-    accepted: list[AcceptedRequest]
+class _Waiting(Generic[T, R]):
+    items: list[T]
     size: int
     done: threading.Event = field(default_factory=threading.Event)
     leads: bool = False
-    named: list[AcceptedRequest] | None = None
+    results: list[R] | None = None
     error: BaseException | None = None
 
 
-class GroupCommit:
+class GroupCommit(Generic[T, R]):
     def __init__(self, max_size: int):
         self.max_size = max_size
         self._lock = threading.Lock()
-        self._waiting: deque[_Waiting] = deque()
+        self._waiting: deque[_Waiting[T, R]] = deque()
         self._writing = False
 
-    def submit(self, accepted: list[AcceptedRequest], size: int, write: PostWriter) -> list[AcceptedRequest]:
-        """This POST's requests under their post's ids, once durably written (alone or with others
-        whose sizes add up to at most max_size). Raises what the write raised."""
-        me = _Waiting(accepted, size)
+    def submit(self, items: list[T], size: int, write: Callable[[list[T]], list[R]]) -> list[R]:
+        """`write`'s results for these items (one per item, in order), done alone or together with
+        other callers' items. `write` gets the items of a whole round and must return one result per
+        item in the order given. Raises what the round's write raised."""
+        me: _Waiting[T, R] = _Waiting(items, size)
         with self._lock:
             self._waiting.append(me)
             if not self._writing:
@@ -58,23 +59,23 @@ class GroupCommit:
             # The same instance in each thread (our errors cannot all be copied): only the traceback
             # it carries is shared, and the doors answer from the error's fields, not its traceback.
             raise me.error
-        assert me.named is not None
-        return me.named
+        assert me.results is not None
+        return me.results
 
-    def _lead(self, write: PostWriter) -> None:
+    def _lead(self, write: Callable[[list[T]], list[R]]) -> None:
         with self._lock:
             batch = self._take()
         try:
-            named = write([request for waiting in batch for request in waiting.accepted])
-        except BaseException as exc:  # noqa: BLE001 - each waiting POST re-raises it in its own thread
+            results = write([item for waiting in batch for item in waiting.items])
+        except BaseException as exc:  # noqa: BLE001 - each waiting caller re-raises it in its own thread
             for waiting in batch:
                 waiting.error = exc
         else:
             start = 0
             for waiting in batch:
-                waiting.named, start = named[start:start + len(waiting.accepted)], start + len(waiting.accepted)
+                waiting.results, start = results[start:start + len(waiting.items)], start + len(waiting.items)
         with self._lock:
-            if self._waiting:  # arrived during the write: the first of them leads the next one
+            if self._waiting:  # arrived during the write: the first of them leads the next round
                 self._waiting[0].leads = True
                 self._waiting[0].done.set()
             else:
@@ -83,9 +84,9 @@ class GroupCommit:
             waiting.leads = False
             waiting.done.set()
 
-    def _take(self) -> list[_Waiting]:
-        """The leader and the POSTs behind it, in arrival order, while their sizes add up to at most
-        max_size (a POST larger than that goes alone)."""
+    def _take(self) -> list[_Waiting[T, R]]:
+        """The leader and the callers behind it, in arrival order, while their sizes add up to at
+        most max_size."""
         batch = [self._waiting.popleft()]
         size = batch[0].size
         while self._waiting and size + self._waiting[0].size <= self.max_size:

@@ -13,6 +13,7 @@ import pytest
 from azure.core.exceptions import ServiceRequestError
 
 from shared import handlers
+from shared.errors import StatusStoreUnavailable
 from shared.intake import envelope
 from tests.integration.test_idempotency import rt as idem_rt  # noqa: F401  (on Azurite, own queues and tables)
 
@@ -160,3 +161,67 @@ def test_a_shared_write_that_fails_refuses_every_post_in_it_and_no_other(rt):
     assert {name: reply.status for name, reply in replies.items()} == {"a": 202, "b": 503, "c": 503}
     assert replies["b"].body["error"]["code"] == "IntakeQueueUnavailable" and len(intake_messages(rt)) == 1
     assert post(rt, {"objectId": user(), "objectTypeName": "User"}).status == 503  # the fault goes on
+
+
+def envelopes_admitted_behind_a_slow_admission(rt, count: int, fail_second: bool) -> tuple[list, dict, list]:
+    """Queue `count` single-request envelopes; hand the first to the queue door, and the others
+    while its admission is held (a slow table); returns the messages, each one's outcome, and the
+    sizes of the admission rounds."""
+    for n in range(count):
+        assert post(rt, {"objectId": user(), "objectTypeName": "User", "correlationId": f"e{n}"}).status == 202
+    messages = intake_messages(rt)
+    inner, held, admitting, rounds = rt.status.admit, threading.Event(), threading.Event(), []
+
+    def admit(items):
+        rounds.append(len(items))
+        if len(rounds) == 1:
+            admitting.set()
+            assert held.wait(10)
+        elif fail_second:
+            raise StatusStoreUnavailable("table outage")
+        return inner(items)
+    rt.status.admit = admit
+    outcomes: dict = {}
+
+    def run(message) -> threading.Thread:
+        def deliver() -> None:
+            try:
+                outcomes[message.id] = handlers.intake_message(message.content, rt, message_id=message.id)
+            except StatusStoreUnavailable as exc:
+                outcomes[message.id] = exc
+        thread = threading.Thread(target=deliver)
+        thread.start()
+        return thread
+    threads = [run(messages[0])]
+    assert admitting.wait(10)
+    threads += [run(message) for message in messages[1:]]
+    deadline = time.monotonic() + 10
+    while len(rt.admission_commits._waiting) < count - 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    held.set()
+    for thread in threads:
+        thread.join(20)
+    rt.status.admit = inner
+    return messages, outcomes, rounds
+
+
+def ids_in(message) -> set[str]:
+    return {r.requestId for r in envelope.opened(message.content)}
+
+
+def test_envelopes_delivered_together_are_admitted_in_one_round_and_each_returns_its_own_work(rt):
+    messages, outcomes, rounds = envelopes_admitted_behind_a_slow_admission(rt, 4, fail_second=False)
+    assert rounds == [1, 3]
+    for message in messages:
+        assert all(json.loads(text)["requestId"] in ids_in(message) for text in outcomes[message.id])
+        assert all(status(rt, rid)[1]["state"] == "queued" for rid in ids_in(message))
+    assert sum(len(work) for work in outcomes.values()) + work_messages(rt) == 4
+
+
+def test_a_failed_admission_round_fails_every_message_in_it_and_their_redelivery_is_the_same_requests(rt):
+    messages, outcomes, rounds = envelopes_admitted_behind_a_slow_admission(rt, 3, fail_second=True)
+    assert rounds == [1, 2] and isinstance(outcomes[messages[0].id], list)
+    assert all(isinstance(outcomes[m.id], StatusStoreUnavailable) for m in messages[1:])
+    for message in messages[1:]:  # the host delivers them again
+        handlers.intake_message(message.content, rt, delivery=2, message_id=message.id)
+        assert all(status(rt, rid)[1]["state"] == "queued" for rid in ids_in(message))
