@@ -234,6 +234,11 @@ var appSettings = {
   APPLICATIONINSIGHTS_CONNECTION_STRING: monitoring.outputs.appInsightsConnectionString
   APPLICATIONINSIGHTS_AUTHENTICATION_STRING: 'ClientId=${identity.outputs.clientId};Authorization=AAD'
   AZURE_CLIENT_ID: identity.outputs.clientId
+  // The functions are synchronous and wait on storage and Graph most of the time: the worker's
+  // default pool (min(32, cores + 4) threads) leaves HTTP requests queued behind waiting queue
+  // invocations; 32 is the most the worker allows
+  // (https://learn.microsoft.com/en-us/azure/azure-functions/python-scale-performance-reference).
+  PYTHON_THREADPOOL_THREAD_COUNT: '32'
 
   GRAPH_CLOUD: graphCloud
   GRAPH_API_VERSION: graphApiVersion

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import tempfile
 import threading
@@ -123,6 +124,10 @@ def event() -> dict:
     return {"objectId": str(uuid.uuid4()), "objectTypeName": "User", "correlationId": "bench-intake"}
 
 
+SAMPLE_THREADS = json.loads((Path(__file__).parent.parent / "local.settings.sample.json").read_text())[
+    "Values"]["PYTHON_THREADPOOL_THREAD_COUNT"]
+
+
 def functions_by_group() -> tuple[list[str], list[str]]:
     """The app's HTTP functions, and the others: Flex Consumption scales HTTP triggers together and
     every other trigger on its own instances (per-function scaling,
@@ -147,7 +152,9 @@ def measure(layout: str, args: argparse.Namespace, groups: tuple[list[str], list
     azurite = start_azurite()
     sims = start_simulators(rate_calls=5, rate_window=10.0)
     env = {"AzureWebJobsStorage": azurite.connection_string, **sims.env(), "DEFAULT_SERVICE_PRINCIPAL_ID": EXAMPLE_SP,
-           "DEFAULT_JOB_ID": EXAMPLE_JOB, "DEFAULT_RULE_ID": EXAMPLE_RULE}
+           "DEFAULT_JOB_ID": EXAMPLE_JOB, "DEFAULT_RULE_ID": EXAMPLE_RULE,
+           # The worker's thread pool as deployed (infra/main.bicep), unless the caller's environment says otherwise.
+           "PYTHON_THREADPOOL_THREAD_COUNT": os.environ.get("PYTHON_THREADPOOL_THREAD_COUNT") or SAMPLE_THREADS}
     if args.fast_intake is not None:
         env["FAST_INTAKE"] = str(args.fast_intake).lower()
     log_dir = Path(tempfile.mkdtemp(prefix=f"bench-intake-{layout}-"))

@@ -95,7 +95,10 @@ def send_all(texts: list[str], send) -> None:
     """Send every envelope, in parallel; raises the first failure (the caller answers 503: a retry
     may then admit some requests twice under new ids, which README "When a subject can be called
     twice" covers)."""
-    with ThreadPoolExecutor(max_workers=min(PARALLEL_SENDS, len(texts)) or 1) as pool:
+    if len(texts) == 1:  # the common case: no thread to start
+        send(texts[0])
+        return
+    with ThreadPoolExecutor(max_workers=min(PARALLEL_SENDS, len(texts))) as pool:
         list(pool.map(send, texts))
 
 
