@@ -1,19 +1,20 @@
 """`make bench` (intake part): how fast POST /api/provision accepts work, against a trivial HTTP
 function of the same devhost in the same run (issue 13, "fast intake").
 
-Real Azurite, the Graph and identity simulators, one devhost with the app's defaults. Three phases,
-each after the previous one:
+Real Azurite, the Graph and identity simulators, devhost with the app's defaults and the worker's
+thread pool as deployed. Two layouts, each on a fresh Azurite: `one`, one devhost serving every
+function (the HTTP door and the queue door share its process and cores); `groups`, one devhost
+for the HTTP functions and one for the queue and timer functions (AzureWebJobs.<name>.Disabled),
+as Flex Consumption's per-function scaling places them. In each, one phase after the other:
   1. trivial: C concurrent clients call GET /api/health (anonymous, no storage) for S seconds;
   2. intake:  C concurrent clients POST one compact event each (a new user every time) for S seconds;
   3. bulk:    one POST of 1000 compact events;
-  4. steps:   50 single posts and one bulk post in process against the same Azurite, timing each
-              intake step (accept = validate, check = peeked backlog, mark_received = the post's received
-              row, send_all = the envelopes; admit, place and record_requests only where the HTTP door
-              still admits a post itself).
-Prints requests per second and latency percentiles for 1 and 2, their ratio, the bulk answer time
-and where one post's time goes.
+  4. steps (layout `one` only): 50 single posts and one bulk post in process against the same
+              Azurite, timing each intake step.
+Prints requests per second and latency percentiles for 1 and 2, their ratio, how many POSTs
+shared a post (group commit), the bulk answer time and where one post's time goes.
 
-    python -m scripts.bench_intake --clients 8 --seconds 15 [--fast-intake]
+    python -m scripts.bench_intake --clients 8 --seconds 15 [--layout one|groups|both] [--[no-]fast-intake]
 """
 from __future__ import annotations
 
