@@ -30,12 +30,14 @@ from shared.intake.validation import (
 )
 from shared.models import GUID_RE, RequestStatus, WorkItem
 from shared.operations import poison_sweep as poison
+from shared.operations import received_sweep
 from shared.operations.readiness import return_parked
 from shared.ratelimit.placement import Placement, place
 from shared.replies import HttpReply, error_reply
 from shared.results import callbacks
 from shared.runtime import Runtime
 from shared.status.admission import LEAD, Admission
+from shared.status.received import KEPT_SECONDS
 from shared.worker import handle_work_message
 
 log = logging.getLogger(__name__)
@@ -309,6 +311,13 @@ def _page_of(params: Mapping[str, str] | None) -> int:
     return int(text)
 
 
+# What a fast-intake requestId with neither a request row nor a received marker may be, besides
+# one nobody was given: the marker is swept only once no intake message could still admit it.
+NEVER_ADMITTED = ("; a request accepted by fast intake whose intake message was dead-lettered before it could "
+                  f"be admitted is not known here from {KEPT_SECONDS / 3600:g} h after it was accepted: the "
+                  "dead-letter queue holds that message and the reason")
+
+
 def _read_status(request_id: str, rt: Runtime, params: Mapping[str, str] | None) -> RequestStatus:
     """The request's status: admitted, or received by fast intake and not yet admitted. Raises
     RequestRejected (no such page, no such request) and StatusStoreUnavailable."""
@@ -318,7 +327,8 @@ def _read_status(request_id: str, rt: Runtime, params: Mapping[str, str] | None)
     post = envelope.post_of(request_id) if status is None else None
     status = rt.status.received(request_id, *post) if post else status
     if status is None:
-        raise RequestRejected(404, "RequestNotFound", f"no request {request_id} is known here")
+        raise RequestRejected(404, "RequestNotFound", f"no request {request_id} is known here"
+                              + (NEVER_ADMITTED if post else ""))
     if page > status.pageCount:
         raise RequestRejected(400, "InvalidPage", f"request {request_id} has {status.pageCount} page(s) of calls",
                               [{"field": "page", "message": f"at most {status.pageCount}"}])
@@ -360,3 +370,4 @@ def lease_upkeep(rt: Runtime) -> None:
     rt.answers.sweep()
     # Runs only with valid settings: what was parked while they were invalid can be processed now.
     return_parked(rt)
+    received_sweep.sweep(rt)  # after return_parked: envelopes parked meanwhile are back on the intake queue

@@ -170,7 +170,7 @@ class MemoryTable:
     row is not an error, as in the SDK; a transaction is all-or-nothing, within one partition (the SDK
     raises ValueError otherwise), at most 100 operations, each row once; string properties up to 64 KiB
     (UTF-16, 400 PropertyValueTooLarge), entities up to 1 MiB; None values are not sent.
-    Queries understand `<property> eq|lt @<parameter>`, what our code asks.
+    Queries understand `<property> eq|lt|ge @<parameter>` clauses joined by `and`, what our code asks.
 
     `fault(operation)` is called before every request: tests set it to `outage` (or their own function
     raising ServiceRequestError) to model an outage starting at any point. Calls are atomic, so
@@ -220,13 +220,14 @@ class MemoryTable:
     def query_entities(self, query_filter: str, *, parameters: dict[str, Any],
                        select: list[str] | None = None) -> list[TableEntity]:
         self._request("query")
-        prop, op, name = query_filter.split()
-        if op not in _COMPARISONS or not name.startswith("@"):
+        clauses = [clause.split() for clause in query_filter.split(" and ")]
+        if any(len(c) != 3 or c[1] not in _COMPARISONS or not c[2].startswith("@") for c in clauses):
             raise NotImplementedError(query_filter)
-        bound, compare = parameters[name[1:]], _COMPARISONS[op]
+        tests = [(prop, _COMPARISONS[op], parameters[name[1:]]) for prop, op, name in clauses]
         with self._lock:
             return [self._entity(key, select) for key, row in sorted(self.rows.items())
-                    if prop in row and compare(row[prop], bound)]
+                    if all(prop in row and _comparable(row[prop], bound) and compare(row[prop], bound)
+                           for prop, compare, bound in tests)]
 
     def submit_transaction(self, operations: Iterable[tuple]) -> list[dict]:
         self._request("transaction")
@@ -300,9 +301,14 @@ class MemoryTable:
             self.requests += 1
 
 
-_COMPARISONS: dict[str, Callable[[Any, Any], bool]] = {"eq": operator.eq, "lt": operator.lt}
+_COMPARISONS: dict[str, Callable[[Any, Any], bool]] = {"eq": operator.eq, "lt": operator.lt, "ge": operator.ge}
 _SINGLE = {400: HttpResponseError, 404: ResourceNotFoundError, 409: ResourceExistsError, 412: ResourceModifiedError}
 _IN_TRANSACTION = dict.fromkeys(_SINGLE, TableTransactionError)
+
+
+def _comparable(value: Any, bound: Any) -> bool:
+    # The service compares a property only with a value of its own type: a string never matches a number.
+    return isinstance(value, str) == isinstance(bound, str)
 
 
 def _error(kind: type, status: int, code: str) -> Exception:

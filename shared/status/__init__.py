@@ -1,6 +1,6 @@
 """Request status and coalescing, kept in one Azure Table (STATUS_TABLE).
 
-Three kinds of rows:
+Four kinds of rows:
 - request row   PK = requestId, RK = "request" (and "request.1", ... for very large requests): the
   request's calls, each with its group key and booked slot. Written once the slots are booked.
 - call row      PK = group key, RK = "<requestId>:<callIndex>": state, since, attempts, why it
@@ -8,6 +8,9 @@ Three kinds of rows:
 - open row      PK = group key, RK = "open": the call of this group that has not gone out yet and
   the calls that joined it. Others may join only once the leader's call row has its `eta`, written
   when its work message is known to be on the queue (shared/status/admission.py).
+- received row  PK = "post-<postId>", RK = "received" (fast intake): each request of a post until
+  the queue door admits it. Deleted by the upkeep timer once no intake message could still admit
+  them (shared/operations/received_sweep.py); request and call rows are kept.
 
 The group key is a hash of (servicePrincipalId, jobId, ruleId, subject), so every row of equal
 calls shares one partition: joining a waiting call, closing the group as its call goes out, and

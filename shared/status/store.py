@@ -85,6 +85,14 @@ class StatusStore:
         self._ready_or_unavailable()
         self.marks.mark(post_id, requests)
 
+    def sweep_received(self) -> int:
+        """Delete old received markers; only while the intake queue is empty (shared/status/received.py)."""
+        self._ready_or_unavailable()
+        try:
+            return self.marks.sweep()
+        except AzureError as exc:
+            raise StatusStoreUnavailable(str(exc)) from None
+
     def received(self, request_id: str, post_id: str, index: int) -> RequestStatus | None:
         try:
             return self.marks.status(request_id, post_id, index)

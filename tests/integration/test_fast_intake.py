@@ -225,3 +225,29 @@ def test_a_failed_admission_round_fails_every_message_in_it_and_their_redelivery
     for message in messages[1:]:  # the host delivers them again
         handlers.intake_message(message.content, rt, delivery=2, message_id=message.id)
         assert all(status(rt, rid)[1]["state"] == "queued" for rid in ids_in(message))
+
+
+def test_the_upkeep_sweeps_received_markers_only_once_no_intake_message_could_admit_them(rt):
+    from shared.status.received import KEPT_SECONDS
+
+    admitted = post(rt, [{"objectId": user(), "objectTypeName": "User"} for _ in range(2)])
+    dead = post(rt, {"objectId": user(), "objectTypeName": "User"})
+    ids = {name: [r["requestId"] for r in reply.body["requests"]] for name, reply in
+           (("admitted", admitted), ("dead", dead))}
+    rt.status.marks.clock = lambda: time.time() + KEPT_SECONDS + 1   # both markers over an hour old
+    intake = rt.queues.get(rt.settings.intake_queue)
+    handlers.lease_upkeep(rt)                  # both envelopes still queued: nothing swept
+    assert {status(rt, rid)[1]["state"] for rid in ids["admitted"] + ids["dead"]} == {"received"}
+    envelopes = {json.loads(m.content)["postId"]: m for m in intake.receive_messages(max_messages=32,
+                                                                                      visibility_timeout=60)}
+    handlers.lease_upkeep(rt)                  # being processed (invisible) still counts
+    assert status(rt, ids["dead"][0])[1]["state"] == "received"
+    for post_id, message in envelopes.items():
+        if post_id == envelope.post_of(ids["admitted"][0])[0]:
+            handlers.intake_message(message.content, rt, message_id=message.id)
+        intake.delete_message(message)         # the other one as if dead-lettered: never admitted
+    handlers.lease_upkeep(rt)
+    assert not [e for e in rt.status.table.list_entities() if e["PartitionKey"].startswith("post-")]
+    assert {status(rt, rid)[1]["state"] for rid in ids["admitted"]} == {"queued"}
+    code, body = status(rt, ids["dead"][0])
+    assert code == 404 and "dead-letter queue" in body["error"]["message"]
