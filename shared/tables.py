@@ -9,14 +9,15 @@ from shared.settings import Settings
 
 
 def table_service(settings: Settings) -> TableServiceClient:
-    from shared.queues import connection_string
+    from shared.queues import connection_string, transport_options
 
     conn = connection_string(settings)
     if conn:
-        return TableServiceClient.from_connection_string(conn)
+        return TableServiceClient.from_connection_string(conn, **transport_options())
     from shared.graph.credentials import app_credential
 
-    return TableServiceClient(settings.table_service_uri, credential=app_credential(settings.azure_client_id))
+    return TableServiceClient(settings.table_service_uri, credential=app_credential(settings.azure_client_id),
+                              **transport_options())
 
 
 def create_table(table: TableClient) -> None:
