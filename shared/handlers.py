@@ -148,13 +148,15 @@ def _fast_intake(accepted: list[AcceptedRequest], rt: Runtime) -> list[AcceptedR
 
 
 def _write_post(accepted: list[AcceptedRequest], rt: Runtime) -> list[AcceptedRequest]:
-    """Mark a new post received, then queue its envelopes: a GET never finds a 202's id unknown."""
+    """Mark a new post received and queue its envelopes (shared/intake/envelope.py write_post)."""
     post_id = envelope.new_post_id()
     named = envelope.named(accepted, post_id)
-    rt.status.mark_received(post_id, [(len(a.items), a.priority) for a in named])
+    queue = rt.settings.intake_queue
     try:
-        envelope.send_all(envelope.envelopes(named, post_id),
-                          lambda text: rt.queues.send_text(rt.settings.intake_queue, text))
+        envelope.write_post(envelope.envelopes(named, post_id),
+                            lambda: rt.status.mark_received(post_id, [(len(a.items), a.priority) for a in named]),
+                            lambda text: rt.queues.send_text(queue, text),
+                            lambda message: rt.queues.get(queue).delete_message(message))
     except AzureError as exc:
         log.warning("intake envelope not queued: %s", type(exc).__name__)
         raise RequestRejected(503, "IntakeQueueUnavailable", "the intake queue cannot be reached right now; "

@@ -13,7 +13,7 @@ from typing import Any
 
 from azure.core.exceptions import ResourceExistsError
 from azure.core.pipeline.transport import RequestsTransport
-from azure.storage.queue import QueueClient, QueueServiceClient
+from azure.storage.queue import QueueClient, QueueMessage, QueueServiceClient
 from pydantic import BaseModel
 
 from shared.settings import Settings
@@ -74,8 +74,10 @@ class Queues:
             self._ready[name] = client
         return client
 
-    def send_text(self, name: str, text: str, *, delay: int = 0) -> None:
-        self.get(name).send_message(text, visibility_timeout=max(0, int(delay)) or None, time_to_live=NEVER_EXPIRE)
+    def send_text(self, name: str, text: str, *, delay: int = 0) -> QueueMessage:
+        """The message as sent: its id and pop receipt can delete it again."""
+        return self.get(name).send_message(text, visibility_timeout=max(0, int(delay)) or None,
+                                           time_to_live=NEVER_EXPIRE)
 
     def send_json(self, name: str, body: BaseModel | dict[str, Any], *, delay: int = 0) -> None:
         text = body.model_dump_json(exclude_none=True) if isinstance(body, BaseModel) else json.dumps(body)

@@ -12,12 +12,19 @@ same requests.
 """
 from __future__ import annotations
 
+import logging
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
+from typing import Callable, TypeVar
+
+from azure.core.exceptions import AzureError
 
 from shared.intake.validation import AcceptedRequest
 from shared.models import EnvelopeRequest, IntakeEnvelope
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Below 64 KiB with room for the XML escaping the queue service applies to the text.
 MAX_ENVELOPE_BYTES = 48 * 1024
@@ -91,15 +98,43 @@ def _text(post_id: str, requests: list[EnvelopeRequest]) -> str:
     return IntakeEnvelope(postId=post_id, requests=requests).model_dump_json(exclude_none=True)
 
 
-def send_all(texts: list[str], send) -> None:
-    """Send every envelope, in parallel; raises the first failure (the caller answers 503: a retry
-    may then admit some requests twice under new ids, which README "When a subject can be called
-    twice" covers)."""
+def send_all(texts: list[str], send: Callable[[str], T]) -> list[T]:
+    """Send every envelope, in parallel; returns what each send returned, raises the first failure
+    (the caller answers 503: a retry may then admit some requests twice under new ids, which README
+    "When a subject can be called twice" covers)."""
     if len(texts) == 1:  # the common case: no thread to start
-        send(texts[0])
-        return
+        return [send(texts[0])]
     with ThreadPoolExecutor(max_workers=min(PARALLEL_SENDS, len(texts))) as pool:
-        list(pool.map(send, texts))
+        return list(pool.map(send, texts))
+
+
+# Writes a post's received row while its envelopes are sent: a few threads for the whole process.
+_ROW_WRITES = ThreadPoolExecutor(max_workers=4, thread_name_prefix="received-row")
+
+
+def write_post(texts: list[str], mark: Callable[[], None], send: Callable[[str], T],
+               withdraw: Callable[[T], None]) -> None:
+    """The post's received row (`mark`) and its envelopes (`send`), written at the same time: one
+    round trip of waiting instead of two, and both done before the caller answers 202, so a GET
+    never finds a 202's id unknown. Raises AzureError when an envelope could not be sent, and what
+    `mark` raised when the row could not be written; the envelopes already sent are then withdrawn,
+    so that nothing refused is admitted (one the queue door took meanwhile cannot be: README "When a
+    subject can be called twice")."""
+    row = _ROW_WRITES.submit(mark)
+    try:
+        sent = send_all(texts, send)
+    except AzureError:
+        row.exception()  # settled either way; the 503 is for the queue
+        raise
+    try:
+        row.result()
+    except Exception:
+        for message in sent:
+            try:
+                withdraw(message)
+            except AzureError as exc:
+                log.warning("a refused post's envelope could not be withdrawn: %s", type(exc).__name__)
+        raise
 
 
 def is_envelope(text: str) -> bool:

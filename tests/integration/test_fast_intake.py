@@ -251,3 +251,23 @@ def test_the_upkeep_sweeps_received_markers_only_once_no_intake_message_could_ad
     assert {status(rt, rid)[1]["state"] for rid in ids["admitted"]} == {"queued"}
     code, body = status(rt, ids["dead"][0])
     assert code == 404 and "dead-letter queue" in body["error"]["message"]
+
+
+def test_a_received_row_that_cannot_be_written_refuses_the_post_and_withdraws_its_envelope(rt):
+    """The row and the envelope are written at the same time: when the row fails, the envelope
+    already sent is deleted again, so nothing answered 503 is admitted."""
+    sent = threading.Event()
+    inner_send = rt.queues.send_text
+
+    def send_text(queue: str, text: str):
+        message = inner_send(queue, text)
+        sent.set()
+        return message
+
+    def mark_received(post_id, requests):
+        assert sent.wait(5)  # the envelope is on the queue before the row fails
+        raise StatusStoreUnavailable("table outage")
+    rt.queues.send_text, rt.status.mark_received = send_text, mark_received
+    reply = post(rt, {"objectId": user(), "objectTypeName": "User"})
+    assert reply.status == 503 and reply.body["error"]["code"] == "StatusStoreUnavailable"
+    assert sent.is_set() and rt.queues.get(rt.settings.intake_queue).peek_messages() == []
