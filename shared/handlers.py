@@ -298,11 +298,15 @@ def _admit_envelope(accepted: list[AcceptedRequest], rt: Runtime) -> list[str]:
 
 def _due_by_request(accepted: list[AcceptedRequest], rt: Runtime) -> list[list[str]]:
     """The work due now of each request (in order), for the output binding of its own message."""
+    # A request twice in a round (a send retried by the SDK queued its envelope twice, or its message
+    # was delivered again while the first delivery waited) is admitted once, else it is booked and
+    # called twice. Its work goes to the later delivery: an earlier one that waited out functionTimeout
+    # was abandoned by the host, its outputs discarded, and only the later one's success is sent.
+    once = list({a.requestId: a for a in accepted}.values())
     due: dict[str, list[str]] = {}
-    for text in _enqueue(accepted, rt, redelivered_on_failure=True, bounded=False):
+    for text in _enqueue(once, rt, redelivered_on_failure=True, bounded=False):
         due.setdefault(WorkItem.model_validate_json(text).requestId, []).append(text)
-    # A request twice in a round (its envelope delivered again meanwhile) sends its work once.
-    return [due.pop(a.requestId, []) for a in accepted]
+    return [due.pop(a.requestId, []) for a in reversed(accepted)][::-1]
 
 
 def _page_of(params: Mapping[str, str] | None) -> int:

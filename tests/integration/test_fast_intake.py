@@ -163,13 +163,16 @@ def test_a_shared_write_that_fails_refuses_every_post_in_it_and_no_other(rt):
     assert post(rt, {"objectId": user(), "objectTypeName": "User"}).status == 503  # the fault goes on
 
 
-def envelopes_admitted_behind_a_slow_admission(rt, count: int, fail_second: bool) -> tuple[list, dict, list]:
+def envelopes_admitted_behind_a_slow_admission(rt, count: int, fail_second: bool,
+                                               again: int = 0) -> tuple[list, list, list]:
     """Queue `count` single-request envelopes; hand the first to the queue door, and the others
-    while its admission is held (a slow table); returns the messages, each one's outcome, and the
-    sizes of the admission rounds."""
+    (then the last `again` of them a second time: deliveries of the same message) while its
+    admission is held (a slow table); returns the deliveries, each one's outcome (in the same
+    order), and the sizes of the admission rounds."""
     for n in range(count):
         assert post(rt, {"objectId": user(), "objectTypeName": "User", "correlationId": f"e{n}"}).status == 202
     messages = intake_messages(rt)
+    deliveries = messages + messages[len(messages) - again:]
     inner, held, admitting, rounds = rt.status.admit, threading.Event(), threading.Event(), []
 
     def admit(items):
@@ -181,28 +184,30 @@ def envelopes_admitted_behind_a_slow_admission(rt, count: int, fail_second: bool
             raise StatusStoreUnavailable("table outage")
         return inner(items)
     rt.status.admit = admit
-    outcomes: dict = {}
+    outcomes: list = [None] * len(deliveries)
 
-    def run(message) -> threading.Thread:
+    def run(index: int) -> threading.Thread:
         def deliver() -> None:
+            message = deliveries[index]
             try:
-                outcomes[message.id] = handlers.intake_message(message.content, rt, message_id=message.id)
+                outcomes[index] = handlers.intake_message(message.content, rt, message_id=message.id)
             except StatusStoreUnavailable as exc:
-                outcomes[message.id] = exc
+                outcomes[index] = exc
         thread = threading.Thread(target=deliver)
         thread.start()
         return thread
-    threads = [run(messages[0])]
+    threads = [run(0)]
     assert admitting.wait(10)
-    threads += [run(message) for message in messages[1:]]
-    deadline = time.monotonic() + 10
-    while len(rt.admission_commits._waiting) < count - 1 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    for index in range(1, len(deliveries)):
+        threads.append(run(index))
+        deadline = time.monotonic() + 10  # one by one: the deliveries wait in this order
+        while len(rt.admission_commits._waiting) < index and time.monotonic() < deadline:
+            time.sleep(0.01)
     held.set()
     for thread in threads:
         thread.join(20)
     rt.status.admit = inner
-    return messages, outcomes, rounds
+    return deliveries, outcomes, rounds
 
 
 def ids_in(message) -> set[str]:
@@ -212,19 +217,33 @@ def ids_in(message) -> set[str]:
 def test_envelopes_delivered_together_are_admitted_in_one_round_and_each_returns_its_own_work(rt):
     messages, outcomes, rounds = envelopes_admitted_behind_a_slow_admission(rt, 4, fail_second=False)
     assert rounds == [1, 3]
-    for message in messages:
-        assert all(json.loads(text)["requestId"] in ids_in(message) for text in outcomes[message.id])
+    for message, outcome in zip(messages, outcomes):
+        assert all(json.loads(text)["requestId"] in ids_in(message) for text in outcome)
         assert all(status(rt, rid)[1]["state"] == "queued" for rid in ids_in(message))
-    assert sum(len(work) for work in outcomes.values()) + work_messages(rt) == 4
+    assert sum(len(work) for work in outcomes) + work_messages(rt) == 4
 
 
 def test_a_failed_admission_round_fails_every_message_in_it_and_their_redelivery_is_the_same_requests(rt):
     messages, outcomes, rounds = envelopes_admitted_behind_a_slow_admission(rt, 3, fail_second=True)
-    assert rounds == [1, 2] and isinstance(outcomes[messages[0].id], list)
-    assert all(isinstance(outcomes[m.id], StatusStoreUnavailable) for m in messages[1:])
+    assert rounds == [1, 2] and isinstance(outcomes[0], list)
+    assert all(isinstance(outcome, StatusStoreUnavailable) for outcome in outcomes[1:])
     for message in messages[1:]:  # the host delivers them again
         handlers.intake_message(message.content, rt, delivery=2, message_id=message.id)
         assert all(status(rt, rid)[1]["state"] == "queued" for rid in ids_in(message))
+
+
+def test_a_message_delivered_again_into_the_round_of_its_first_delivery_is_admitted_once_by_the_later_one(rt):
+    """The devhost abandons an invocation that waited out functionTimeout behind a slow round (its
+    outputs are discarded) and delivers the message again, to the same process: both deliveries
+    can wait for the same round. The later one's outputs are the ones sent and its success deletes
+    the message, so it must carry the work; the request is booked once."""
+    deliveries, outcomes, rounds = envelopes_admitted_behind_a_slow_admission(rt, 2, fail_second=False, again=1)
+    assert deliveries[1].id == deliveries[2].id
+    assert outcomes[1] == []  # the earlier delivery's outputs may be discarded
+    assert rounds == [1, 1]   # the second round admits the request once
+    assert sum(len(work) for work in outcomes) + work_messages(rt) == 2
+    assert all(json.loads(text)["requestId"] in ids_in(deliveries[2]) for text in outcomes[2])
+    assert all(status(rt, rid)[1]["state"] == "queued" for rid in ids_in(deliveries[2]))
 
 
 def test_the_upkeep_sweeps_received_markers_only_once_no_intake_message_could_admit_them(rt):
