@@ -149,12 +149,12 @@ def _fast_intake(accepted: list[AcceptedRequest], rt: Runtime) -> list[AcceptedR
 
 def _write_post(accepted: list[AcceptedRequest], rt: Runtime) -> list[AcceptedRequest]:
     """Mark a new post received and queue its envelopes (shared/intake/envelope.py write_post)."""
-    post_id = envelope.new_post_id()
-    named = envelope.named(accepted, post_id)
-    queue = rt.settings.intake_queue
+    post_id, key = envelope.new_post()
+    named = envelope.named(accepted, post_id, key)
+    queue, marks = rt.settings.intake_queue, [(len(a.items), a.priority) for a in named]
     try:
         envelope.write_post(envelope.envelopes(named, post_id),
-                            lambda: rt.status.mark_received(post_id, [(len(a.items), a.priority) for a in named]),
+                            lambda: rt.status.mark_received(post_id, key, marks),
                             lambda text: rt.queues.send_text(queue, text),
                             lambda message: rt.queues.get(queue).delete_message(message))
     except AzureError as exc:

@@ -13,6 +13,7 @@ same requests.
 from __future__ import annotations
 
 import logging
+import secrets
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -22,6 +23,7 @@ from azure.core.exceptions import AzureError
 
 from shared.intake.validation import AcceptedRequest
 from shared.models import EnvelopeRequest, IntakeEnvelope
+from shared.status.received import request_secret
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -30,32 +32,37 @@ T = TypeVar("T")
 MAX_ENVELOPE_BYTES = 48 * 1024
 _WRAPPER_BYTES = 128  # {"kind":…,"postId":…,"requests":[…]} around the requests
 PARALLEL_SENDS = 8
-_POST_HEX, _INDEX_HEX = 24, 6
+_INDEX_HEX = 6
 
 
-def new_post_id() -> str:
-    return uuid.uuid4().hex[:_POST_HEX]
+def new_post() -> tuple[str, str]:
+    """A post's id (48 random bits; the POSTs that share a group commit share it) and its key (128
+    random bits, kept only in the post's received row)."""
+    return secrets.token_hex(6), secrets.token_hex(16)
 
 
-def request_id(post_id: str, index: int) -> str:
-    """The GUID of the index-th request of a post: version 8, variant 10, post id and index inside."""
-    digits = post_id[:12] + "8" + post_id[12:15] + "8" + post_id[15:] + f"{index:0{_INDEX_HEX}x}"
+def request_id(post_id: str, key: str, index: int) -> str:
+    """The GUID of the index-th request of a post: version 8, variant 10, then the post id, the
+    request's secret (derived from the post's key: a caller that knows the other requestIds of a
+    shared post cannot derive this one) and the index."""
+    secret = request_secret(key, index)
+    digits = post_id + "8" + secret[:3] + "8" + secret[3:] + f"{index:0{_INDEX_HEX}x}"
     return str(uuid.UUID(digits))
 
 
-def post_of(request_id_text: str) -> tuple[str, int] | None:
-    """(post id, index) of a requestId made by request_id(); None for any other GUID."""
+def post_of(request_id_text: str) -> tuple[str, int, str] | None:
+    """(post id, index, secret) of a requestId made by request_id(); None for any other GUID."""
     digits = request_id_text.replace("-", "").lower()
     if len(digits) != 32 or digits[12] != "8" or digits[16] != "8":
         return None
-    return digits[:12] + digits[13:16] + digits[17:26], int(digits[26:], 16)
+    return digits[:12], int(digits[26:], 16), digits[13:16] + digits[17:26]
 
 
-def named(accepted: list[AcceptedRequest], post_id: str) -> list[AcceptedRequest]:
+def named(accepted: list[AcceptedRequest], post_id: str, key: str) -> list[AcceptedRequest]:
     """The requests under their post's ids (new copies; every call carries its request's id)."""
     renamed = []
     for index, request in enumerate(accepted):
-        rid = request_id(post_id, index)
+        rid = request_id(post_id, key, index)
         renamed.append(replace(request, requestId=rid,
                                items=[item.model_copy(update={"requestId": rid}) for item in request.items]))
     return renamed

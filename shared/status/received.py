@@ -10,6 +10,8 @@ a post still being answered when the queue was seen empty (its envelope not yet 
 """
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import time
 from itertools import islice
@@ -37,6 +39,12 @@ SWEEP_BATCH = 1000  # markers deleted per run at most: the timer run stays short
 FIRST_KEY, AFTER_KEYS = "post-", "post."
 
 
+def request_secret(key: str, index: int) -> str:
+    """48 bits of HMAC-SHA256 over the request's index under its post's key (shared/intake/envelope.py
+    request_id): guessing a requestId of someone else's request takes 2**48 tries."""
+    return hmac.new(bytes.fromhex(key), index.to_bytes(4, "big"), hashlib.sha256).hexdigest()[:12]
+
+
 def _key(post_id: str) -> str:
     return FIRST_KEY + post_id
 
@@ -46,18 +54,21 @@ class ReceivedMarks:
         self.table = table
         self.clock = clock
 
-    def mark(self, post_id: str, requests: list[tuple[int, str]]) -> None:
-        """(calls, priority) of each request of the post, by index. Raises StatusStoreUnavailable."""
+    def mark(self, post_id: str, key: str, requests: list[tuple[int, str]]) -> None:
+        """The post's key and the (calls, priority) of each of its requests, by index. Raises
+        StatusStoreUnavailable."""
         try:
             self.table.upsert_entity({"PartitionKey": _key(post_id), "RowKey": RECEIVED, "receivedAt": self.clock(),
-                                      "requests": json.dumps(requests, separators=(",", ":"))})
+                                      "key": key, "requests": json.dumps(requests, separators=(",", ":"))})
         except AzureError as exc:
             raise StatusStoreUnavailable(f"received marker not written: {type(exc).__name__}") from None
 
-    def status(self, request_id: str, post_id: str, index: int) -> RequestStatus | None:
+    def status(self, request_id: str, post_id: str, index: int, secret: str) -> RequestStatus | None:
+        """The request's status while its post is received and not yet admitted; None for a request
+        the post does not have, or a secret its key does not give."""
         row = read_row(self.table, _key(post_id), RECEIVED)
         requests = json.loads(row.get("requests") or "[]") if row else []
-        if index >= len(requests):
+        if index >= len(requests) or not hmac.compare_digest(request_secret(str(row.get("key")), index), secret):
             return None
         calls, priority = requests[index]
         received_at = float(row["receivedAt"])

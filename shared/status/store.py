@@ -80,10 +80,10 @@ class StatusStore:
         self._ready_or_unavailable()
         return self.reader.read(request_id, spacing, call_timeout, page)
 
-    def mark_received(self, post_id: str, requests: list[tuple[int, str]]) -> None:
+    def mark_received(self, post_id: str, key: str, requests: list[tuple[int, str]]) -> None:
         """Before a fast-intake post is answered 202: its requests read as received until admitted."""
         self._ready_or_unavailable()
-        self.marks.mark(post_id, requests)
+        self.marks.mark(post_id, key, requests)
 
     def sweep_received(self) -> int:
         """Delete old received markers; only while the intake queue is empty (shared/status/received.py)."""
@@ -93,8 +93,8 @@ class StatusStore:
         except AzureError as exc:
             raise StatusStoreUnavailable(str(exc)) from None
 
-    def received(self, request_id: str, post_id: str, index: int) -> RequestStatus | None:
+    def received(self, request_id: str, post_id: str, index: int, secret: str) -> RequestStatus | None:
         try:
-            return self.marks.status(request_id, post_id, index)
+            return self.marks.status(request_id, post_id, index, secret)
         except AzureError as exc:
             raise StatusStoreUnavailable(str(exc)) from None

@@ -64,8 +64,11 @@ def test_a_get_right_after_the_202_answers_received_and_then_queued(rt):
 def test_a_guid_nobody_was_given_is_still_unknown(rt):
     reply = post(rt, {"objectId": user(), "objectTypeName": "User"})
     [rid] = [r["requestId"] for r in reply.body["requests"]]
-    post_id, _ = envelope.post_of(rid)
-    for other in (envelope.request_id(post_id, 1), envelope.request_id(envelope.new_post_id(), 0), str(uuid.uuid4())):
+    post_id, index, secret = envelope.post_of(rid)
+    guessed = uuid.UUID(rid.replace("-", "")[:13] + f"{(int(secret[0], 16) + 1) % 16:x}" + rid.replace("-", "")[14:])
+    assert envelope.post_of(str(guessed))[:2] == (post_id, index)  # the right post and index, another secret
+    for other in (str(guessed), envelope.request_id(post_id, envelope.new_post()[1], 1),
+                  envelope.request_id(*envelope.new_post(), 0), str(uuid.uuid4())):
         code, body = status(rt, other)
         assert code == 404 and body["error"]["code"] == "RequestNotFound"
 
@@ -285,7 +288,7 @@ def test_a_received_row_that_cannot_be_written_refuses_the_post_and_withdraws_it
         sent.set()
         return message
 
-    def mark_received(post_id, requests):
+    def mark_received(post_id, key, requests):
         assert sent.wait(5)  # the envelope is on the queue before the row fails
         raise StatusStoreUnavailable("table outage")
     rt.queues.send_text, rt.status.mark_received = send_text, mark_received

@@ -44,9 +44,9 @@ def rt():
 
 def received(rt, requests: int) -> list[str]:
     """A post marked received, as the HTTP door does before its 202; returns its requestIds."""
-    post = envelope.new_post_id()
-    rt.status.mark_received(post, [(1, "normal")] * requests)
-    return [envelope.request_id(post, i) for i in range(requests)]
+    post, key = envelope.new_post()
+    rt.status.mark_received(post, key, [(1, "normal")] * requests)
+    return [envelope.request_id(post, key, i) for i in range(requests)]
 
 
 def admit(rt, request_id: str) -> None:
@@ -97,13 +97,14 @@ def test_markers_stay_while_a_message_that_could_still_admit_them_is_queued(rt, 
 
 def test_a_marker_written_again_between_the_sweeps_query_and_its_delete_is_kept(rt):
     [rid] = received(rt, 1)
-    post, _ = envelope.post_of(rid)
+    post, _, _ = envelope.post_of(rid)
     rt.clock.now += KEPT_SECONDS + 1
     query = rt.table.query_entities
 
     def racing_query(*args, **kwargs):
         rows = query(*args, **kwargs)
-        rt.status.mark_received(post, [(1, "normal")] * 2)   # a post sharing its post id writes it again
+        key = rt.table.get_entity(f"post-{post}", RECEIVED)["key"]
+        rt.status.mark_received(post, key, [(1, "normal")] * 2)  # written again meanwhile
         return rows
     rt.table.query_entities = racing_query
     assert received_sweep.sweep(rt) == 0 and get(rt, rid)[1]["state"] == RECEIVED
