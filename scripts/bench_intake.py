@@ -117,7 +117,8 @@ def accepted_post(response: httpx.Response, posts: list[str]) -> int:
 
     if response.status_code == 202:
         found = envelope.post_of(response.json()["requests"][0]["requestId"])
-        posts.append(found[0] if found else "admitted by the HTTP door")
+        if found:  # not when the HTTP door admitted the post itself (FAST_INTAKE=false)
+            posts.append(found[0])
     return response.status_code
 
 
