@@ -91,8 +91,8 @@ param autoStartCooldownSeconds string = ''
 param highPriorityShare string = ''
 @description('Serve equal waiting requests with one Graph call.')
 param coalesceRequests string = 'true'
-@description('The HTTP door queues accepted requests for the queue door in one write (off: see BENCHMARKS.md).')
-param fastIntake string = 'false'
+@description('The HTTP door queues accepted requests for the queue door in one write (false: it admits them itself).')
+param fastIntake string = 'true'
 @description('The table that holds request status (letters and digits).')
 param statusTable string = 'provisionstatus'
 @description('Table where each result callback\'s state is kept (shared/results/callbacks.py).')

