@@ -173,6 +173,19 @@ def module_host(name: str, make: Callable[..., IsolatedHost]):
     return host
 
 
+def admitted(base_url: str, request_id: str, timeout: float = 20) -> dict:
+    """The request's status once it is admitted. With FAST_INTAKE it reads `received` until the queue
+    door has admitted it (and booked its slots); the synchronous door admits before its 202."""
+    deadline = time.monotonic() + timeout
+    while True:
+        response = httpx.get(f"{base_url}/api/provision/{request_id}", timeout=30)
+        assert response.status_code == 200, response.text
+        if response.json()["state"] != "received":
+            return response.json()
+        assert time.monotonic() < deadline, response.text
+        time.sleep(0.1)
+
+
 def wait_until(condition: Callable[[], Any], timeout: float = 60) -> Any:
     """What `condition` returns once it is truthy, polled until `timeout`."""
     deadline = time.monotonic() + timeout

@@ -41,6 +41,7 @@ from shared.intake.idempotency import AnswerBook
 from shared.models import WorkItem
 from shared.queues import MAX_MESSAGE_BYTES
 from shared.ratelimit.placement import Placement
+from shared.ratelimit.slot_timeline import Schedule
 from shared.ratelimit.token_gate import RawToken
 from shared.settings import Settings
 from shared.status.admission import LEAD, Admission
@@ -334,16 +335,28 @@ SETTINGS = Settings(AzureWebJobsStorage="UseDevelopmentStorage=true", DEFAULT_SE
                     DEFAULT_JOB_ID="scim.job", DEFAULT_RULE_ID="rule-1#V2")
 
 
+class _EmptyQueue:
+    def peek_messages(self, max_messages: int = 1) -> list:
+        return []
+
+
 class FakeQueues:
-    """Captures what would go to storage, with storage's own 64 KiB limit."""
+    """Captures what would go to storage, with storage's own 64 KiB limit. Every queue reads as
+    empty: nothing is booked anywhere (the fast-intake door peeks at an empty timeline)."""
 
     def __init__(self) -> None:
         self.sent: list[tuple[str, dict]] = []
 
-    def send_json(self, name: str, body: BaseModel | dict, *, delay: int = 0) -> None:
-        text = body.model_dump_json(exclude_none=True) if isinstance(body, BaseModel) else json.dumps(body)
-        assert len(text.encode("utf-8")) <= MAX_MESSAGE_BYTES, "a dead letter must fit in a queue message"
+    def get(self, name: str) -> _EmptyQueue:
+        return _EmptyQueue()
+
+    def send_text(self, name: str, text: str, *, delay: int = 0) -> None:
+        assert len(text.encode("utf-8")) <= MAX_MESSAGE_BYTES, "a message must fit in a queue message"
         self.sent.append((name, json.loads(text)))
+
+    def send_json(self, name: str, body: BaseModel | dict, *, delay: int = 0) -> None:
+        self.send_text(name, body.model_dump_json(exclude_none=True) if isinstance(body, BaseModel)
+                       else json.dumps(body))
 
 
 class NoStatus:
@@ -361,6 +374,9 @@ class NoStatus:
     def forget(self, items: list[WorkItem]) -> list[WorkItem]:
         return []
 
+    def mark_received(self, post_id: str, key: str, requests: list[tuple[int, str]]) -> None:
+        pass
+
 
 class FakeRuntime:
     def __init__(self) -> None:
@@ -371,6 +387,20 @@ class FakeRuntime:
         self.answers = AnswerBook(MemoryTable(), retention_seconds=3600)
         self.intake_commits = GroupCommit(envelope.ROOM)
         self.admission_commits = GroupCommit(1000)
+        self.timeline_peeks: dict[str, tuple[float, list[str]]] = {}
+
+    def schedule_queue(self, item: WorkItem | None = None) -> str:
+        return f"{self.settings.lease_queue}-schedule"
+
+    def schedule_for(self, item: WorkItem | None = None) -> Schedule:
+        return Schedule(SimulatedQueue(Clock(), random.Random(0)), self.settings.slot_spacing)
+
+
+def queued_calls(rt: FakeRuntime, *replies: Any) -> int:
+    """The calls these posts queued: the work a synchronous door hands its output binding, and the
+    calls in the envelopes a fast-intake door sent to the intake queue."""
+    envelopes = [body for name, body in rt.queues.sent if name == rt.settings.intake_queue]
+    return sum(len(reply.work) for reply in replies) + sum(len(r["items"]) for e in envelopes for r in e["requests"])
 
 
 @contextmanager

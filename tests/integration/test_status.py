@@ -22,7 +22,7 @@ from shared.settings import Settings
 from shared.status.admission import ALREADY_QUEUED, JOINED, LEAD
 from shared.status.rows import CALLING, OPEN, QUEUED, group_key
 from shared.status.store import StatusStore
-from tests.conftest import IsolatedHost, module_host, wait_until
+from tests.conftest import IsolatedHost, admitted, module_host, wait_until
 
 
 def user() -> str:
@@ -311,6 +311,9 @@ class StatusHost(IsolatedHost):
                 return body
             time.sleep(0.2)
 
+    def admitted(self, request_id: str) -> dict:
+        return admitted(self.host.url, request_id)
+
 
 st = module_host("st", StatusHost)
 
@@ -337,7 +340,7 @@ def test_unknown_and_malformed_request_ids_get_clear_errors(st):
 
 def test_a_waiting_request_reports_its_eta_and_a_retry_reports_why_it_waits(st):
     ids = st.accept([{"objectId": user(), "objectTypeName": "User"} for _ in range(16)])
-    last = st.state(ids[-1])
+    last = st.admitted(ids[-1])
     assert last["state"] == "queued" and last["etaSeconds"] > 2 and last["calls"][0]["callsAhead"] >= 5
     eta = datetime.fromisoformat(last["eta"]).timestamp()
     for request_id in ids:
@@ -371,11 +374,16 @@ def test_a_refused_call_reads_as_dead_lettered_and_a_group_request_sums_up_its_c
 
 def test_equal_waiting_requests_share_one_graph_call_and_each_gets_the_result(st):
     # A backlog to wait behind: only a call sent delayed is known to be queued, and so joinable
-    # (a call due now goes out through the output binding; shared/status/admission.py).
-    st.accept([{"objectId": user(), "objectTypeName": "User"} for _ in range(20)])
+    # (a call due now goes out through the output binding; shared/status/admission.py). 40 slots
+    # (19 s): with FAST_INTAKE the duplicates are admitted one after the other, by the queue door's
+    # polling, and must still find their leader waiting behind them.
+    backlog = st.accept([{"objectId": user(), "objectTypeName": "User"} for _ in range(40)])
+    st.admitted(backlog[-1])
     subject = user()
-    ids = [st.accept({"objectId": subject, "objectTypeName": "User", "correlationId": f"dup-{n}"})[0]
-           for n in range(3)]
+    ids = []
+    for n in range(3):  # each admitted before the next arrives: only then can the next one join it
+        ids += st.accept({"objectId": subject, "objectTypeName": "User", "correlationId": f"dup-{n}"})
+        st.admitted(ids[-1])
     follower_status = st.state(ids[2])
     assert follower_status["calls"][0]["servedBy"] == f"{ids[0]}:0"
     assert follower_status["state"] == "queued" and follower_status["etaSeconds"] > 0   # the leader's slot
@@ -393,8 +401,10 @@ def test_equal_waiting_requests_share_one_graph_call_and_each_gets_the_result(st
 
 
 def test_high_priority_requests_overtake_the_backlog_without_starving_it(st):
-    normal = st.accept([{"objectId": user(), "objectTypeName": "User"} for _ in range(40)])   # about 20 s of work
-    wait_until(lambda: st.sims.graph.calls(), timeout=30)  # the normal backlog is being served
+    subjects = [user() for _ in range(40)]
+    normal = st.accept([{"objectId": subject, "objectTypeName": "User"} for subject in subjects])  # about 20 s of work
+    # The normal backlog is being served (with FAST_INTAKE, admitted by the queue door first).
+    wait_until(lambda: any(c.get("objectId") in subjects for c in st.sims.graph.calls()), timeout=30)
     posted = time.time()
     high = st.accept([{"objectId": user(), "objectTypeName": "User", "priority": "high"} for _ in range(2)])
     high_done = [datetime.fromisoformat(st.result(r, timeout=30)["completedAt"]).timestamp() for r in high]
