@@ -33,6 +33,9 @@ PLATFORM_PROVIDED = {
     "IDENTITY_ENDPOINT": "App Service/Functions managed identity endpoint",
     "IDENTITY_HEADER": "its per-app secret header",
 }
+# Not settings of ours: what `requests` reads from any environment, read once instead of per request
+# (shared/queues.py transport_options); the template has no reason to set them.
+HTTP_CLIENT_ENVIRONMENT = {"REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"}
 # Alternatives to what the template sets: shared-key access is off, so a connection string cannot
 # work, and the service URIs are used instead of accountName so national clouds get their suffixes.
 REPLACED_BY_IDENTITY = {"AzureWebJobsStorage", "AzureWebJobsStorage__accountName"}
@@ -212,7 +215,7 @@ def test_every_setting_the_app_reads_is_set_by_the_template():
     aliases = {field.alias for field in Settings.model_fields.values() if field.alias}
     read = aliases | env_names_read_in_shared()
     set_here = set(app_settings())
-    missing = read - set_here - set(PLATFORM_PROVIDED) - REPLACED_BY_IDENTITY
+    missing = read - set_here - set(PLATFORM_PROVIDED) - REPLACED_BY_IDENTITY - HTTP_CLIENT_ENVIRONMENT
     assert not missing, f"read by the app but not set in infra/main.bicep appSettings: {sorted(missing)}"
     assert IDENTITY_STORAGE <= set_here
     assert not set(PLATFORM_PROVIDED) & set_here, "never override what Azure sets for managed identity"
