@@ -129,23 +129,36 @@ def describe_functions(app: func.FunctionRegister, environ: Mapping[str, str],
         if disabled(name, environ):
             skipped.append(f"function '{name}' is disabled ({DISABLED_SETTING.format(name=name)} is true)")
             continue
-        document = json.loads(function.get_function_json())
-        try:
-            bindings = [_binding(raw, name, environ) for raw in document.get("bindings", [])]
-        except SettingsError as exc:
-            raise AppLoadError(str(exc)) from exc
-        triggers = [b for b in bindings if b.type.endswith("Trigger")]
-        if len(triggers) != 1:
-            raise AppLoadError(f"function '{name}' must have exactly one trigger, has {len(triggers)}")
-        trigger = triggers[0]
-        others = [b for b in bindings if b is not trigger]
-        unsupported = [b for b in others if b.direction == "in" or b.type not in SUPPORTED_OUTPUTS]
-        if trigger.type not in SUPPORTED_TRIGGERS or unsupported:
-            what = [trigger.type] if trigger.type not in SUPPORTED_TRIGGERS else [f"{b.type} ({b.direction})" for b in unsupported]
-            skipped.append(f"function '{name}' skipped: devhost does not support {', '.join(what)}")
-            continue
-        user_function = function.get_user_function()
-        wants_context = _check_parameters(name, user_function, bindings)
-        specs.append(FunctionSpec(name=name, func=user_function, trigger=trigger, outputs=tuple(others),
-                                  wants_context=wants_context, directory=directory))
+        spec = _describe(function, name, environ, directory)
+        if isinstance(spec, str):
+            skipped.append(spec)
+        else:
+            specs.append(spec)
     return specs, skipped
+
+
+def _unsupported(trigger: Binding, others: list[Binding]) -> list[str]:
+    if trigger.type not in SUPPORTED_TRIGGERS:
+        return [trigger.type]
+    return [f"{b.type} ({b.direction})" for b in others if b.direction == "in" or b.type not in SUPPORTED_OUTPUTS]
+
+
+def _describe(function: Any, name: str, environ: Mapping[str, str], directory: str) -> FunctionSpec | str:
+    """The function's spec, or why devhost skips it; raises AppLoadError for an app that cannot load."""
+    document = json.loads(function.get_function_json())
+    try:
+        bindings = [_binding(raw, name, environ) for raw in document.get("bindings", [])]
+    except SettingsError as exc:
+        raise AppLoadError(str(exc)) from exc
+    triggers = [b for b in bindings if b.type.endswith("Trigger")]
+    if len(triggers) != 1:
+        raise AppLoadError(f"function '{name}' must have exactly one trigger, has {len(triggers)}")
+    trigger = triggers[0]
+    others = [b for b in bindings if b is not trigger]
+    what = _unsupported(trigger, others)
+    if what:
+        return f"function '{name}' skipped: devhost does not support {', '.join(what)}"
+    user_function = function.get_user_function()
+    wants_context = _check_parameters(name, user_function, bindings)
+    return FunctionSpec(name=name, func=user_function, trigger=trigger, outputs=tuple(others),
+                        wants_context=wants_context, directory=directory)
