@@ -46,22 +46,28 @@ REPLAYED_HEADER = "Idempotent-Replayed"
 
 
 def _enqueue(accepted: list[AcceptedRequest], rt: Runtime, redelivered_on_failure: bool = False,
-             bounded: bool = True) -> list[str]:
+             bounded: bool = True) -> list[WorkItem]:
     """Record every call's status, let equal queued calls be joined, and book slots for the rest; refuse
     the lot when the wait would exceed MAX_EXPECTED_WAIT_HOURS (unless not `bounded`: requests the
     HTTP door already accepted are booked however far out). Raises StatusStoreUnavailable when the
     status table cannot be written: the queue door retries, the HTTP door answers 503. What a failed
     admit() left behind strands nobody (shared/status/admission.py): it is not withdrawn. Once the
     calls are queued, a request row that cannot be written fails the run only where a redelivery
-    (`redelivered_on_failure`, the queue door) recognises the same requests and writes it again."""
+    (`redelivered_on_failure`, the queue door) recognises the same requests and writes it again.
+    Returns the work due now, for the caller's output binding."""
     admitted = rt.status.admit([item for request in accepted for item in request.items])
     placed = _place_leaders(admitted, rt, rt.settings.max_expected_wait_hours * 3600 if bounded else None)
     # Only work sent by the SDK is known to be on the queue; the output binding writes after we return.
-    due = {WorkItem.model_validate_json(text).call_id for text in placed.due_now}
+    due = {item.call_id for item in placed.due}
     rt.status.mark_queued([item for item in placed.booked if item.call_id not in due])
     booked = {item.call_id: item for item in placed.booked}
     _record_requests(accepted, [booked.get(a.item.call_id, a.item) for a in admitted], rt, redelivered_on_failure)
-    return placed.due_now
+    return placed.due
+
+
+def _texts(work: list[WorkItem]) -> list[str]:
+    """Work items as the work queue's output binding takes them."""
+    return [item.model_dump_json(exclude_none=True) for item in work]
 
 
 def _place_leaders(admitted: list[Admission], rt: Runtime, max_wait: float | None) -> Placement:
@@ -191,7 +197,7 @@ def _provision(text: str, headers: Mapping[str, str], rt: Runtime, params: Mappi
         # -WhatIf: nothing booked, no capacity taken, nothing sent to Graph.
         return HttpReply(200, dryrun.describe(accepted, rt.settings))
     queued = _fast_intake(accepted, rt) if rt.settings.fast_intake else None
-    work = [] if queued else _enqueue(accepted, rt)
+    work = [] if queued else _texts(_enqueue(accepted, rt))
     accepted = queued or accepted
     log.info("accepted %d request(s), %d call(s) over HTTP", len(accepted), sum(len(a.items) for a in accepted))
     return HttpReply(202, {"accepted": len(accepted), "requests": [a.summary() for a in accepted]}, work=work)
@@ -272,7 +278,7 @@ def intake_message(raw: bytes | str, rt: Runtime, delivery: int = 1, message_id:
             work = _admit_envelope(accepted, rt)
         else:
             accepted = _accept(text, rt, message_id=message_id)
-            work = _enqueue(accepted, rt, redelivered_on_failure=True)
+            work = _texts(_enqueue(accepted, rt, redelivered_on_failure=True))
     except RequestRejected as rejected:
         if rejected.info.code in TRANSIENT_INTAKE_CODES and delivery < INTAKE_DELIVERIES:
             log.warning("intake message deferred (%s), delivery %d of %d", rejected.info.code, delivery,
@@ -303,10 +309,10 @@ def _due_by_request(accepted: list[AcceptedRequest], rt: Runtime) -> list[list[s
     # called twice. Its work goes to the later delivery: an earlier one that waited out functionTimeout
     # was abandoned by the host, its outputs discarded, and only the later one's success is sent.
     once = list({a.requestId: a for a in accepted}.values())
-    due: dict[str, list[str]] = {}
-    for text in _enqueue(once, rt, redelivered_on_failure=True, bounded=False):
-        due.setdefault(WorkItem.model_validate_json(text).requestId, []).append(text)
-    return [due.pop(a.requestId, []) for a in reversed(accepted)][::-1]
+    due: dict[str, list[WorkItem]] = {}
+    for item in _enqueue(once, rt, redelivered_on_failure=True, bounded=False):
+        due.setdefault(item.requestId, []).append(item)
+    return [_texts(due.pop(a.requestId, [])) for a in reversed(accepted)][::-1]
 
 
 def _page_of(params: Mapping[str, str] | None) -> int:

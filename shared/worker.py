@@ -65,7 +65,7 @@ def process(item: WorkItem, rt: Runtime, clock: Clock = time.time, sleep: Sleep 
     if item.notBefore is None:
         # Back from a retry's wait (or requeued by an operator): it takes its slot now.
         placed = place([item], rt, clock=clock)
-        if not placed.due_now:
+        if not placed.due:
             return
         item = placed.booked[0]
     if item.notBefore - clock() > s.max_slot_wait_seconds:

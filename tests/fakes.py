@@ -407,7 +407,7 @@ def queued_calls(rt: FakeRuntime, *replies: Any) -> int:
 def no_storage():
     """Accepted work is serialised as the work queue would get it, and not booked anywhere."""
     def place(items: list[WorkItem], rt: Any, **_: Any) -> Placement:
-        return Placement([item.model_dump_json(exclude_none=True) for item in items], items)
+        return Placement(items, items)
     with mock.patch.object(handlers, "place", place), \
             mock.patch.object(handlers, "_rule_lookup", lambda rt: None, create=True):
         yield

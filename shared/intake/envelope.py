@@ -1,9 +1,9 @@
 """Fast intake (issue 13): the HTTP door validates, names its requests and queues them for the
 queue door in one write, instead of admitting, booking and recording them itself.
 
-A post gets a random post id (96 bits); its requests' ids are RFC 9562 version-8 GUIDs made of the
-post id and the request's index (https://www.rfc-editor.org/rfc/rfc9562#name-uuid-version-8), so
-that a status read of a request not yet admitted finds its post's received marker
+A post gets a random post id and key; its requests' ids are RFC 9562 version-8 GUIDs made of the
+post id, a secret derived from the key, and the request's index
+(https://www.rfc-editor.org/rfc/rfc9562#name-uuid-version-8), so that a status read of a request not yet admitted finds its post's received marker
 (shared/status/received.py) and answers `received` instead of 404, and a GUID nobody was given
 finds nothing. The accepted requests go to the intake queue as IntakeEnvelope messages under the
 queue's 64 KiB limit (https://learn.microsoft.com/en-us/azure/storage/queues/storage-queues-introduction),

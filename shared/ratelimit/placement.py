@@ -14,14 +14,14 @@ from shared.runtime import Runtime
 
 @dataclass(frozen=True)
 class Placement:
-    due_now: list[str]     # JSON of the items to send right away
+    due: list[WorkItem]     # the items to send right away (booked, as in `booked`)
     booked: list[WorkItem]  # every item with its slot (notBefore), in the order given
 
 
 def place(items: list[WorkItem], rt: Runtime, *, earliest: float | None = None,
           max_wait: float | None = None, clock: Callable[[], float] = time.time) -> Placement:
     """Book a slot for each item and send those not yet due with a visibility delay that ends
-    SCHEDULE_LEAD_SECONDS before their slot. The items due now are returned as JSON: the caller
+    SCHEDULE_LEAD_SECONDS before their slot. The items due now are returned unsent: the caller
     writes them through its queue output binding, which makes the Functions host (and devhost)
     poll the work queue at once instead of at the next polling interval.
 
@@ -34,16 +34,16 @@ def place(items: list[WorkItem], rt: Runtime, *, earliest: float | None = None,
         booking = rt.schedule_for(items[indexes[0]]).book(len(indexes), earliest, max_wait, lane=lane)
         slots.update(zip(indexes, booking.slots))
     booked = [item.model_copy(update={"notBefore": slots[i]}) for i, item in enumerate(items)]
-    due_now: list[str] = []
+    due: list[WorkItem] = []
     now = clock()
     for item in booked:
-        text = item.model_dump_json(exclude_none=True)
         delay = surface_at(item.notBefore or 0, rt) - now
         if delay < 1:
-            due_now.append(text)
+            due.append(item)
         else:
-            rt.queues.send_text(rt.settings.work_queue, text, delay=min(MAX_VISIBILITY_SECONDS, math.floor(delay)))
-    return Placement(due_now, booked)
+            rt.queues.send_text(rt.settings.work_queue, item.model_dump_json(exclude_none=True),
+                                delay=min(MAX_VISIBILITY_SECONDS, math.floor(delay)))
+    return Placement(due, booked)
 
 
 def surface_at(slot: float, rt: Runtime) -> float:
@@ -60,8 +60,8 @@ def place_now(items: list[WorkItem], rt: Runtime, *, earliest: float | None = No
     """Like place(), for callers without an output binding: due items are sent right away.
     Returns the items as booked."""
     placed = place(items, rt, earliest=earliest, clock=clock)
-    for text in placed.due_now:
-        rt.queues.send_text(rt.settings.work_queue, text)
+    for item in placed.due:
+        rt.queues.send_text(rt.settings.work_queue, item.model_dump_json(exclude_none=True))
     return placed.booked
 
 

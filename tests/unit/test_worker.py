@@ -200,7 +200,7 @@ def fresh() -> FakeRuntime:
 def on_slot(rt: FakeRuntime, n: int = 0, **fields) -> WorkItem:
     """An item booked and due now, as the host delivers it."""
     placed = place([item(n, **fields)], rt, clock=rt.clock)
-    assert placed.due_now
+    assert placed.due
     return placed.booked[0]
 
 
